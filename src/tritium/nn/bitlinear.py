@@ -1,0 +1,137 @@
+"""`BitLinear`: a drop-in `nn.Linear` that trains with quantized weights and activations (QAT)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import quant
+from ..config import BitConfig
+
+
+class _QuantLinear(torch.autograd.Function):
+    """``y = Q(x) @ Q(W)^T (rescaled) + bias`` with straight-through gradients.
+
+    Backward gives ``dx = dy @ W_used`` and ``dW = dy^T @ x_used`` (identity through both quantizers,
+    scales detached), where ``*_used`` are the dequantized (and, during warm-up, blended) operands.
+    It keeps only what backward needs: integer operands as int8 plus their scales where the integer
+    form is exact, the float operand otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_bits, measure, granularity, act_bits, lambda_, median_sample):
+        cfg = BitConfig(weight_bits, measure, granularity, act_bits, None, lambda_, median_sample)
+        n = weight.shape[0]
+        blend = lambda_ != 1.0
+        # Activations: int-valued q with per-token scale sx, or a float operand (sx None).
+        sx = None
+        if act_bits is None:
+            x_used = x
+        else:
+            x_used, sx = quant.quantize_act(x, act_bits)
+            if blend:
+                x_used, sx = x.lerp(x_used * sx, lambda_), None
+        # Weights: int-valued q with a per-tensor/per-row scale sw, or a float operand (sw None).
+        wq, ws = quant.quantize_weight(weight, cfg)
+        sw = None if blend else quant.row_scale(ws, n)
+        if sw is None:
+            w_used = weight.detach().lerp(quant.dequantize_weight(wq, ws), lambda_)
+        else:
+            w_used, sw = wq, sw.to(weight.dtype)
+        y = F.linear(x_used, w_used)
+        if sx is not None or sw is not None:
+            y = y * (sw if sx is None else sx if sw is None else sx * sw)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(
+            x_used if sx is None else x_used.to(torch.int8), sx,
+            w_used if sw is None else w_used.to(torch.int8), sw,
+        )
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_used, sx, w_used, sw = ctx.saved_tensors
+        dx = dW = db = None
+        if ctx.needs_input_grad[0]:
+            w = w_used.to(dy.dtype)
+            dx = dy @ (w if sw is None else w * sw.reshape(-1, 1) if sw.dim() else w * sw)
+        if ctx.needs_input_grad[1]:
+            x = x_used.to(dy.dtype)
+            x = x if sx is None else x * sx
+            dW = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dx, dW, db, None, None, None, None, None, None
+
+
+class BitLinear(nn.Linear):
+    """Drop-in replacement for `nn.Linear` with 1.58-bit (or other) quantization-aware training.
+
+    Keeps full-precision latent weights; ``state_dict`` holds exactly ``weight`` and ``bias``, so a
+    checkpoint loads into either class. Forward: parameter-free input norm, per-token activation
+    quantization, weight quantization, integer matmul, rescale, then ``+ bias`` (the bias is added after
+    rescaling, so it is not divided by the per-token scale, unlike the reference ``bitlinear`` package).
+    Gradients are straight-through. Train and eval mode compute the same function.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for `nn.Linear`.
+        config: the `BitConfig` (default: ternary absmedian weights, 8-bit activations, layernorm).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        config: BitConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        config = BitConfig() if config is None else config
+        if not isinstance(config, BitConfig):
+            raise TypeError(f"config must be a BitConfig, got {type(config).__name__}")
+        quant.check_group(config, in_features, f"BitLinear({in_features}, {out_features})")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: BitConfig | None = None) -> BitLinear:
+        """A `BitLinear` with a copy of ``linear``'s weight and bias, on the same device and dtype."""
+        w = linear.weight
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, config,
+                  device="meta", dtype=w.dtype)
+        new.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input last dimension is {x.shape[-1]}, expected in_features="
+                f"{self.in_features} (input shape {tuple(x.shape)})"
+            )
+        c = self.config
+        x = quant.input_norm(x, c.norm)
+        return _QuantLinear.apply(
+            x, self.weight, self.bias, c.weight_bits, c.measure, c.granularity, c.act_bits,
+            float(c.lambda_), c.median_sample,
+        )
+
+    @torch.no_grad()
+    def quantized_weight(self) -> Tensor:
+        """The dequantized weight the forward uses (``q * s``, blended by ``lambda_``)."""
+        q, s = quant.quantize_weight(self.weight, self.config)
+        return self.weight.lerp(quant.dequantize_weight(q, s), float(self.config.lambda_))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{super().extra_repr()}, spec={c.spec!r}, norm={c.norm}"
+            + (f", lambda_={c.lambda_}" if c.lambda_ != 1.0 else "")
+        )

@@ -1,0 +1,164 @@
+"""The quantizer maths, used by training (`BitLinear`), post-training quantization and inference.
+
+Weights (``W`` of shape ``(N, K)``), with ``m`` the chosen measure of ``|W|`` over the chosen granularity:
+
+* ternary (1.58 bits): ``s = max(m, eps)``, ``q = clamp(round(W / s), -1, 1)``  (BitNet b1.58 with absmean)
+* binary (1 bit):      ``s = m``,             ``q = +1 where W >= 0 else -1``
+* b-bit (2, 4, 8):     ``s = max(m, eps) / 2^(b-1)``, ``q = clamp(round(W / s), -2^(b-1), 2^(b-1) - 1)``
+
+The dequantized weight is ``q * s``. ``round`` is round-half-to-even. ``absmedian`` is the lower median
+(``torch.median``). For a per-tensor median over more than ``2 * BitConfig.median_sample`` elements the
+median is the exact median of a fixed strided subsample ``|W|.flatten()[::p]`` with a prime stride ``p``
+that does not divide the row length (see `abs_median`). With the default sample of 2^18 elements the
+sample median lies within about 0.5% of the exact median (its rank error is about 1/sqrt(sample)), at
+1/20 of the cost for a 4096 x 1024 weight (2.4 ms instead of 51 ms on 2 cores); this is tested in
+``tests/test_quant.py``. ``median_sample=0`` gives the exact median always.
+
+Activations ``x`` (per token, over the last dimension), with ``Q = 2^(b-1) - 1`` (127 for 8 bits):
+
+    ``s_x = max(absmax(x), 1e-5) / Q``,  ``q_x = clamp(round(x / s_x), -Q, Q)``
+
+i.e. the symmetric range [-127, 127]: a scale of 127 so that no value ever needs clipping. (The
+reference package of Nielsen et al. scales by 128 and clips to 127, which clips the largest positive
+value of every token by one step.) A NaN anywhere in a token makes its scale NaN, so the whole token's
+output is NaN: NaN propagates and never raises.
+
+A linear layer computes ``y = (q_x @ q_w^T) * (s_x * s_w) + bias`` when the weight scale is per tensor
+or per channel (the integer product is exact in fp32 for K < 2^24 / 127), and
+``y = (q_x @ (q_w * s_w)^T) * s_x + bias`` for group scales or a partial warm-up blend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .config import BitConfig
+
+WEIGHT_EPS = 1e-8
+ACT_EPS = 1e-5
+
+
+def _sample_stride(n: int, row: int, sample: int) -> int:
+    """Largest prime p <= n // sample that does not divide the row length (so rows are sampled evenly)."""
+    p = max(2, n // sample)
+    while p > 2 and (row % p == 0 or any(p % d == 0 for d in range(2, math.isqrt(p) + 1))):
+        p -= 1
+    return p
+
+
+def abs_median(w: Tensor, dim: int | None = None, sample: int = 0) -> Tensor:
+    """Lower median of ``|w|`` over ``dim`` (None: the whole tensor).
+
+    With ``sample > 0`` and a whole-tensor median over more than ``2 * sample`` elements, returns the
+    exact median of the deterministic strided subsample ``|w|.flatten()[::p]`` instead, ``p`` being the
+    largest prime ``<= numel // sample`` that does not divide the row length: such a stride visits every
+    column position equally often, so no row or column pattern biases the sample.
+    """
+    if dim is not None:
+        return w.abs().median(dim=dim, keepdim=True).values
+    flat = w.reshape(-1)
+    n = flat.numel()
+    if sample and n > 2 * sample:
+        flat = flat[:: _sample_stride(n, w.shape[-1], sample)]
+    return flat.abs().median()
+
+
+def _measure(w: Tensor, measure: str, dim: int | None, sample: int) -> Tensor:
+    """The measure of ``|w|``: over the whole tensor (dim None) or over ``dim`` with keepdim."""
+    if measure == "absmedian":
+        return abs_median(w, dim, sample)
+    if measure == "absmean":
+        if dim is None:
+            return torch.linalg.vector_norm(w, ord=1) / max(w.numel(), 1)
+        return w.abs().mean(dim=dim, keepdim=True)
+    return torch.linalg.vector_norm(w, ord=math.inf, dim=dim, keepdim=dim is not None)
+
+
+def weight_scale_shape(cfg: BitConfig, out_features: int, in_features: int) -> tuple[int, ...]:
+    """Shape of the scale tensor `quantize_weight` returns: (), (N, 1) or (N, K // G)."""
+    if cfg.granularity == "tensor":
+        return ()
+    if cfg.granularity == "channel":
+        return (out_features, 1)
+    return (out_features, in_features // cfg.group_size)
+
+
+def check_group(cfg: BitConfig, in_features: int, where: str = "layer") -> None:
+    g = cfg.group_size
+    if g is not None and in_features % g:
+        raise ValueError(f"{where}: group size {g} does not divide in_features={in_features}")
+
+
+@torch.no_grad()
+def quantize_weight(w: Tensor, cfg: BitConfig) -> tuple[Tensor, Tensor]:
+    """Quantize a weight ``(N, K)`` to integer values ``q`` (same dtype as ``w``) and a float32 scale.
+
+    The scale has shape `weight_scale_shape` (``()`` per tensor, ``(N, 1)`` per channel, ``(N, K//G)``
+    per group); `dequantize_weight` gives ``q * s``.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    check_group(cfg, k)
+    wf = w.float()
+    if cfg.group_size is not None:
+        wf = wf.reshape(n, k // cfg.group_size, cfg.group_size)
+    dim = None if cfg.granularity == "tensor" else -1
+    m = _measure(wf, cfg.measure, dim, cfg.median_sample)
+    if cfg.weight_bits == 1:
+        s = m
+        q = torch.where(wf >= 0, 1.0, -1.0)
+    else:
+        half = 1 if cfg.ternary else 2 ** (int(cfg.weight_bits) - 1)
+        lo, hi = (-1, 1) if cfg.ternary else (-half, half - 1)
+        s = m.clamp(min=WEIGHT_EPS) / half
+        q = torch.round(wf / s).clamp_(lo, hi)
+    q = q.reshape(n, k).to(w.dtype)
+    s = s.reshape(weight_scale_shape(cfg, n, k))
+    return q, s
+
+
+def expand_scale(s: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Broadcast a weight scale of any granularity to the full weight ``shape``."""
+    n, k = shape
+    if s.dim() == 2 and s.shape[1] not in (1, k):
+        return s.repeat_interleave(k // s.shape[1], dim=1)
+    return s.expand(n, k) if s.dim() else s
+
+
+def dequantize_weight(q: Tensor, s: Tensor) -> Tensor:
+    """``q * s`` in ``q``'s dtype, for any granularity."""
+    return (q * expand_scale(s, tuple(q.shape)).to(q.dtype))
+
+
+def row_scale(s: Tensor, out_features: int) -> Tensor | None:
+    """The per-output scale ``(N,)`` or ``()`` of a tensor/channel weight scale; None for group scales."""
+    if s.dim() == 0:
+        return s
+    if s.shape[1] == 1:
+        return s.reshape(out_features)
+    return None
+
+
+def quantize_act(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Per-token absmax quantization of ``x`` to ``bits`` signed bits: integer-valued ``q`` and scale ``s``.
+
+    ``q`` has ``x``'s dtype and shape, ``s`` has shape ``x.shape[:-1] + (1,)``; ``q * s`` approximates ``x``.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True)
+    s = amax.clamp(min=ACT_EPS) / qmax
+    q = torch.round(x / s).clamp_(-qmax, qmax)
+    return q, s
+
+
+def input_norm(x: Tensor, norm: str | None) -> Tensor:
+    """The parameter-free input norm over the last dimension (eps 1e-5 for layernorm, 1e-6 for rmsnorm)."""
+    if norm == "layernorm":
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-5)
+    if norm == "rmsnorm":
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6)
+    return x
