@@ -1,0 +1,23 @@
+"""tritium: 1.58-bit neural networks in PyTorch.
+
+Train with ternary weights (`quantize` any model, then train as usual), freeze into packed 2-bit
+weights, and serve with fast CPU kernels (`freeze`, `save`, `load`).
+"""
+
+from .config import BitConfig, format_spec, parse_spec
+from .convert import LambdaWarmup, ptq, quantize, set_lambda, summary
+from .nn import BitLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitConfig",
+    "BitLinear",
+    "LambdaWarmup",
+    "format_spec",
+    "parse_spec",
+    "ptq",
+    "quantize",
+    "set_lambda",
+    "summary",
+]

@@ -1,0 +1,219 @@
+"""One-call conversion of any PyTorch model to 1.58-bit QAT, post-training quantization, warm-up."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import BitConfig, parse_spec
+from .nn import BitLinear
+
+#: Modules whose qualified name matches one of these stay in full precision unless ``exclude`` is given.
+DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|\.)lm_head$",)
+
+
+def _linear_types() -> tuple[type, ...]:
+    """Module types `quantize` converts: nn.Linear, transformers' Conv1D, PyG's Linear (when installed)."""
+    types: list[type] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:
+        pass
+    try:
+        from torch_geometric.nn.dense.linear import Linear as PygLinear
+
+        types.append(PygLinear)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _as_config(config: BitConfig | str | None) -> BitConfig | None:
+    if config is None or isinstance(config, BitConfig):
+        return config
+    if isinstance(config, str):
+        return parse_spec(config)
+    raise TypeError(f"config must be a BitConfig or a spec string, got {type(config).__name__}")
+
+
+def _patterns(p: str | Iterable[str] | None) -> list[re.Pattern]:
+    if p is None:
+        return []
+    return [re.compile(x) for x in ([p] if isinstance(p, str) else p)]
+
+
+def _to_bitlinear(module: nn.Module, config: BitConfig, name: str) -> BitLinear:
+    """A `BitLinear` computing what ``module`` computed, sharing its parameters where layouts agree."""
+    weight = module.weight
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"module {name!r} has an uninitialized (lazy) weight: run one forward pass first")
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: y = x @ W + b with W of (in, out)
+        in_f, out_f = weight.shape
+        weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    else:
+        out_f, in_f = weight.shape
+    new = BitLinear(in_f, out_f, bias=module.bias is not None, config=config, device="meta")
+    new.weight = weight  # shared, not copied: tied weights and optimizer references keep working
+    new.bias = module.bias
+    return new
+
+
+def quantize(
+    model: nn.Module,
+    config: BitConfig | str | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    verbose: bool = False,
+) -> nn.Module:
+    """Turn ``model`` into a quantization-aware model, in place, and return it.
+
+    Replaces every `nn.Linear`, transformers' `Conv1D` (GPT-2) and PyTorch Geometric's `Linear` (inside
+    `GCNConv`, `SGConv`, ...) by a `BitLinear` with ``config`` (a `BitConfig` or a spec string such as
+    ``"1.58-absmedian"``; a float spec such as ``"fp32"`` converts nothing). Parameters are shared with the
+    replaced module (Conv1D's are transposed copies), so tied weights stay tied. Embeddings and norms are
+    never converted.
+
+    Args:
+        include: regexes (``re.search`` on qualified module names); when given, only matching modules
+            are converted.
+        exclude: regexes of modules to keep in full precision. Default `DEFAULT_EXCLUDE`, which keeps an
+            output head named ``lm_head``; pass ``exclude=[]`` to convert it too.
+        verbose: print the `summary` table.
+    """
+    cfg = _as_config(BitConfig() if config is None else config)
+    if cfg is not None:
+        inc = _patterns(include)
+        exc = _patterns(DEFAULT_EXCLUDE if exclude is None else exclude)
+        types = _linear_types()
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                if not isinstance(child, types) or isinstance(child, BitLinear):
+                    continue
+                if inc and not any(p.search(full) for p in inc):
+                    continue
+                if any(p.search(full) for p in exc):
+                    continue
+                if isinstance(module, nn.MultiheadAttention):
+                    warnings.warn(
+                        f"{full!r} is left in full precision: nn.MultiheadAttention reads its weights "
+                        "directly and never calls the submodule", stacklevel=2,
+                    )
+                    continue
+                setattr(module, child_name, _to_bitlinear(child, cfg, full))
+    if verbose:
+        print(summary(model))
+    return model
+
+
+def ptq(model: nn.Module, config: BitConfig | str | None = None, **kwargs) -> nn.Module:
+    """Post-training quantization of a trained full-precision model, in place (the PTQ baseline).
+
+    Same quantizer and selection as `quantize`, but without the input norm (``norm=None``): the
+    model was trained without it, so only its weights and activations are quantized. Returns the model
+    in eval mode.
+    """
+    cfg = _as_config(BitConfig() if config is None else config)
+    if cfg is not None:
+        quantize(model, cfg.replace(norm=None), **kwargs)
+    return model.eval()
+
+
+def bit_layers(model: nn.Module) -> Iterator[tuple[str, BitLinear]]:
+    """All `BitLinear` modules of ``model`` with their qualified names."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, BitLinear))
+
+
+def set_lambda(model: nn.Module, value: float) -> None:
+    """Set the warm-up blend ``lambda_`` (0 = full precision, 1 = quantized) of every `BitLinear`."""
+    value = float(value)
+    for _, m in bit_layers(model):
+        m.config = m.config.replace(lambda_=value)
+
+
+class LambdaWarmup:
+    """Linear warm-up of ``lambda_`` from ``start`` to 1 over ``steps`` calls of `step`.
+
+    Call `step` once per optimizer step. ``state_dict``/``load_state_dict`` make it resumable.
+    """
+
+    def __init__(self, model: nn.Module, steps: int, start: float = 0.0) -> None:
+        if steps < 0:
+            raise ValueError(f"steps={steps} must be >= 0")
+        self.model, self.steps, self.start, self.count = model, steps, float(start), 0
+        set_lambda(model, self.value)
+
+    @property
+    def value(self) -> float:
+        if self.steps == 0 or self.count >= self.steps:
+            return 1.0
+        return self.start + (1.0 - self.start) * self.count / self.steps
+
+    def step(self) -> float:
+        self.count += 1
+        set_lambda(self.model, self.value)
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "start": self.start, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.start, self.count = int(state["steps"]), float(state["start"]), int(state["count"])
+        set_lambda(self.model, self.value)
+
+
+@dataclass
+class Summary:
+    """What `quantize` converted: layer count, parameter counts and effective bits per weight."""
+
+    layers: list[tuple[str, str, tuple[int, int]]] = field(default_factory=list)  # (name, spec, (N, K))
+    quantized_params: int = 0
+    kept_params: int = 0
+    total_bits: float = 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        n = self.quantized_params + self.kept_params
+        return self.total_bits / n if n else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "layers_converted": len(self.layers),
+            "quantized_params": self.quantized_params,
+            "kept_params": self.kept_params,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+        }
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<48} {'spec':<22} {'shape':>14}"]
+        for name, spec, (n, k) in self.layers:
+            rows.append(f"{name[-48:]:<48} {spec:<22} {f'{n}x{k}':>14}")
+        rows.append(
+            f"{len(self.layers)} layers converted; {self.quantized_params:,} parameters quantized, "
+            f"{self.kept_params:,} kept; {self.bits_per_weight:.2f} effective bits per weight"
+        )
+        return "\n".join(rows)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Count the quantized and full-precision parameters of ``model`` (shared parameters once)."""
+    out = Summary()
+    quantized: dict[int, float] = {}
+    for name, m in bit_layers(model):
+        out.layers.append((name, m.config.spec, (m.out_features, m.in_features)))
+        quantized[id(m.weight)] = float(m.config.weight_bits)
+    for p in model.parameters():  # deduplicated by torch
+        if id(p) in quantized:
+            out.quantized_params += p.numel()
+            out.total_bits += p.numel() * quantized[id(p)]
+        else:
+            out.kept_params += p.numel()
+            out.total_bits += p.numel() * torch.finfo(p.dtype).bits if p.is_floating_point() else 0
+    return out
