@@ -55,16 +55,32 @@ class _QuantLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x_used, sx, w_used, sw = ctx.saved_tensors
         dx = dW = db = None
-        if ctx.needs_input_grad[0]:
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if ctx.needs_input_grad[0]:  # dx = dy @ (w * sw): scale whichever operand is smallest
             w = w_used.to(dy.dtype)
-            dx = dy @ (w if sw is None else w * sw.reshape(-1, 1) if sw.dim() else w * sw)
-        if ctx.needs_input_grad[1]:
-            x = x_used.to(dy.dtype)
-            x = x if sx is None else x * sx
-            dW = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            dx = _scaled_matmul(dy2, w, None if sw is None else sw.reshape(-1, 1) if sw.dim() else sw)
+            dx = dx.reshape(*dy.shape[:-1], w.shape[1])
+            del w
+        if ctx.needs_input_grad[1]:  # dW = dy^T @ (x * sx)
+            x = x_used.to(dy.dtype).reshape(-1, x_used.shape[-1])
+            dW = _scaled_matmul(dy2.t(), x, None if sx is None else sx.reshape(-1, 1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+            db = dy2.sum(0)
         return dx, dW, db, None, None, None, None, None, None
+
+
+def _scaled_matmul(a: Tensor, b: Tensor, scale: Tensor | None) -> Tensor:
+    """``a @ (b * scale)`` where ``scale`` broadcasts over the rows of ``b`` (shape ``(rows, 1)`` or scalar),
+    computed as ``(a * scale^T) @ b`` when that touches fewer elements."""
+    if scale is None:
+        return a @ b
+    if scale.dim() == 0:  # scalar: scale the smallest of a, b and the product
+        if a.shape[0] * b.shape[1] <= min(a.numel(), b.numel()):
+            return (a @ b).mul_(scale)
+        return a @ (b * scale) if b.numel() <= a.numel() else (a * scale) @ b
+    if a.numel() < b.numel():
+        return (a * scale.reshape(1, -1)) @ b
+    return a @ (b * scale)
 
 
 class BitLinear(nn.Linear):

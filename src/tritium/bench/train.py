@@ -1,0 +1,108 @@
+"""``tritium bench train``: one QAT training step (forward, backward, AdamW) against nn.Linear.
+
+The block is ``Linear(d, 4d) -> GELU -> Linear(4d, d)`` with d = 1024 on an input of 8 x 256 x d, fp32,
+all CPU threads. All variants run in one process, interleaved round by round so that machine noise hits
+them alike; times are medians. Peak memory is the peak of live tensor bytes during one step
+(parameters, gradients, AdamW state and activations), tracked exactly with a dispatch mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import tritium
+
+from .common import PeakMemory, machine_info, write_json
+
+VARIANTS = {"nn.Linear": None, "tritium absmean": "1.58-absmean", "tritium absmedian": "1.58-absmedian"}
+
+
+def make_block(d: int, spec: str | None, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    block = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+    return block if spec is None else tritium.quantize(block, spec)
+
+
+def make_step(block: nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """A closure doing one forward, backward and AdamW step of ``block`` on ``x``, and its optimizer."""
+    opt = torch.optim.AdamW(block.parameters(), lr=1e-4)
+
+    def step() -> None:
+        block(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, opt
+
+
+def peak_memory(d: int, spec: str | None, x: torch.Tensor) -> int:
+    """Peak live tensor bytes during the second training step (the first allocates the AdamW state)."""
+    block = make_block(d, spec)
+    step, opt = make_step(block, x)
+    step()
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    mem = PeakMemory()
+    mem.count(x, *block.parameters(), *state)
+    with mem:
+        step()
+    return mem.peak
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dim", type=int, default=1024, help="model dimension d (default 1024)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant (default 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> dict:
+    d = args.dim
+    x = torch.randn(args.batch, args.seq, d)
+    steps = {name: make_step(make_block(d, spec), x)[0] for name, spec in VARIANTS.items()}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):  # interleaved rounds
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    results = {"machine": machine_info(), "shape": {"dim": d, "batch": args.batch, "seq": args.seq},
+               "repeats": args.repeats, "variants": {}}
+    base_t = statistics.median(times["nn.Linear"])
+    base_m = None
+    for name, spec in VARIANTS.items():
+        med = statistics.median(times[name])
+        peak = peak_memory(d, spec, x)
+        base_m = base_m or peak
+        results["variants"][name] = {"median_ms": med * 1e3, "time_ratio": med / base_t,
+                                     "peak_mib": peak / 2**20, "memory_ratio": peak / base_m,
+                                     "times_ms": [t * 1e3 for t in times[name]]}
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, results)
+    return results
+
+
+def format_table(results: dict) -> str:
+    m, s = results["machine"], results["shape"]
+    lines = [
+        f"training step of Linear({s['dim']}, {4 * s['dim']}) -> GELU -> Linear({4 * s['dim']}, {s['dim']}), "
+        f"input {s['batch']}x{s['seq']}x{s['dim']} fp32, AdamW; {m['threads']} threads on {m['cpu']}",
+        f"median of {results['repeats']} interleaved steps",
+        "",
+        f"{'variant':<20} {'step ms':>9} {'vs nn.Linear':>13} {'peak MiB':>9} {'vs nn.Linear':>13}",
+    ]
+    for name, v in results["variants"].items():
+        lines.append(f"{name:<20} {v['median_ms']:>9.1f} {v['time_ratio']:>12.2f}x {v['peak_mib']:>9.1f} "
+                     f"{v['memory_ratio']:>12.2f}x")
+    return "\n".join(lines)
