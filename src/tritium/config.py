@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Literal, Union
+from typing import Literal
 
 WEIGHT_BITS = (1.58, 1, 2, 4, 8)
 MEASURES = ("absmedian", "absmean", "absmax")
@@ -25,7 +25,7 @@ NORMS = ("layernorm", "rmsnorm", None)
 ACT_BITS = (8, 4, None)
 FLOAT_SPECS = ("fp32", "bf16", "fp16")
 
-Granularity = Union[Literal["tensor", "channel"], tuple[str, int]]
+Granularity = Literal["tensor", "channel"] | tuple[str, int]
 
 
 @dataclass(frozen=True)
