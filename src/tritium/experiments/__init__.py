@@ -1,0 +1,1 @@
+"""Paper reproductions run by ``tritium run TASK`` (see `tritium.experiments.runner`)."""

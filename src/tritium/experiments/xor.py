@@ -1,0 +1,102 @@
+"""XOR toy task: XOR of two inputs plus noise inputs, a two-layer MLP; reports the first-layer weights."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+METRIC = "test_acc"
+HIGHER_IS_BETTER = True
+GROUP_BY = ("noise",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--noise", type=int, default=None, help="number of noise inputs")
+
+
+def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
+    from .runner import precisions
+
+    return [
+        {"task": "xor", "precision": p, "seed": s, "noise": args.noise, "hidden": args.hidden,
+         "epochs": args.epochs, "lr": protocol["lr"], "n_train": protocol["n_train"],
+         "n_test": protocol["n_test"], "optimizer": "adamw", "weight_decay": protocol["weight_decay"]}
+        for p in precisions(args) for s in range(args.seeds)
+    ]
+
+
+def run_one(cfg: dict, args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import tritium
+    from tritium import quant
+    from tritium.data.xor import make_xor
+    from tritium.models import XorMLP
+
+    from .runner import progress, split_precision
+
+    torch.manual_seed(cfg["seed"])
+    x, y = make_xor(cfg["n_train"], cfg["noise"], seed=1000 + cfg["seed"])
+    xt, yt = make_xor(cfg["n_test"], cfg["noise"], seed=2000 + cfg["seed"])
+    train_spec, ptq_spec = split_precision(cfg["precision"])
+    model = tritium.quantize(XorMLP(2 + cfg["noise"], cfg["hidden"]), train_spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    curves: dict[str, list] = {"step": [], "train_loss": [], "train_acc": []}
+    for epoch in progress(range(cfg["epochs"]), args, desc="epochs"):
+        model.train()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (epoch + 1) % 10 == 0 or epoch == 0:
+            curves["step"].append(epoch + 1)
+            curves["train_loss"].append(loss.item())
+            curves["train_acc"].append((logits.argmax(-1) == y).float().mean().item())
+    if ptq_spec:
+        tritium.ptq(model, ptq_spec)
+    model.eval()
+    with torch.no_grad():
+        train_acc = (model(x).argmax(-1) == y).float().mean().item()
+        test_acc = (model(xt).argmax(-1) == yt).float().mean().item()
+        fc1 = model.fc1
+        if isinstance(fc1, tritium.BitLinear):
+            q, s = quant.quantize_weight(fc1.weight, fc1.config)
+            w = q.float()
+        else:
+            w = fc1.weight.detach()
+    noise_cols = w[:, 2:]
+    return {
+        "test_acc": test_acc, "train_acc": train_acc, "last_val_acc": test_acc, "best_val_acc": test_acc,
+        "final_train_loss": curves["train_loss"][-1],
+        "noise_weight_zero_frac": float((noise_cols == 0).float().mean()) if noise_cols.numel() else 1.0,
+        "fc1_weight": [[round(float(v), 4) for v in row] for row in w],
+        "curves": curves,
+        **tritium.summary(model).as_dict(),
+    }
+
+
+def report(rows: list[dict], out: Path) -> str:
+    """First-layer weights (integer levels for quantized runs) of seed 0 of each precision."""
+    from .report import precision_order
+
+    lines = ["### XOR: first-layer weights (seed 0)", "",
+             "Rows are hidden units, columns the inputs (x1, x2, then noise). Quantized runs show the "
+             "integer weight levels (for 1.58 bits: -1, 0, +1).", ""]
+    perfect = {}
+    for r in rows:
+        perfect.setdefault(r["precision"], []).append(
+            r["test_acc"] == 1.0 and r["noise_weight_zero_frac"] == 1.0)
+    lines += ["| precision | runs | perfect test acc and all noise weights zero |", "|---|---:|---:|"]
+    for p in sorted(perfect, key=precision_order):
+        lines.append(f"| {p} | {len(perfect[p])} | {sum(perfect[p])} |")
+    lines.append("")
+    for r in sorted((r for r in rows if r["seed"] == 0), key=lambda r: precision_order(r["precision"])):
+        w = r["fc1_weight"]
+        lines += [f"`{r['precision']}` (test acc {100 * r['test_acc']:.1f}%):", "", "```"]
+        lines += [" ".join(f"{v + 0.0:7.3g}" for v in row) for row in w]
+        lines += ["```", ""]
+    return "\n".join(lines)
