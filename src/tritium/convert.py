@@ -14,6 +14,8 @@ from .config import BitConfig, parse_spec
 from .nn import BitLinear
 
 #: Modules whose qualified name matches one of these stay in full precision unless ``exclude`` is given.
+#: Besides these, a transformers model's output embedding (``get_output_embeddings()``, e.g. BERT's
+#: ``cls.predictions.decoder``) stays in full precision by default too.
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"(^|\.)lm_head$",)
 
 
@@ -65,6 +67,14 @@ def _to_bitlinear(module: nn.Module, config: BitConfig, name: str) -> BitLinear:
     return new
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def quantize(
     model: nn.Module,
     config: BitConfig | str | None = None,
@@ -83,14 +93,16 @@ def quantize(
     Args:
         include: regexes (``re.search`` on qualified module names); when given, only matching modules
             are converted.
-        exclude: regexes of modules to keep in full precision. Default `DEFAULT_EXCLUDE`, which keeps an
-            output head named ``lm_head``; pass ``exclude=[]`` to convert it too.
+        exclude: regexes of modules to keep in full precision. Default: `DEFAULT_EXCLUDE`, which keeps an
+            output head named ``lm_head``, and a transformers model's output embedding (its
+            ``get_output_embeddings()``); pass ``exclude=[]`` to convert heads too.
         verbose: print the `summary` table.
     """
     cfg = _as_config(BitConfig() if config is None else config)
     if cfg is not None:
         inc = _patterns(include)
         exc = _patterns(DEFAULT_EXCLUDE if exclude is None else exclude)
+        head = _output_head(model) if exclude is None else None
         types = _linear_types()
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
@@ -99,7 +111,7 @@ def quantize(
                     continue
                 if inc and not any(p.search(full) for p in inc):
                     continue
-                if any(p.search(full) for p in exc):
+                if child is head or any(p.search(full) for p in exc):
                     continue
                 if isinstance(module, nn.MultiheadAttention):
                     warnings.warn(
