@@ -115,7 +115,7 @@ def quantize_weight(w: Tensor, cfg: BitConfig) -> tuple[Tensor, Tensor]:
         half = 1 if cfg.ternary else 2 ** (int(cfg.weight_bits) - 1)
         lo, hi = (-1, 1) if cfg.ternary else (-half, half - 1)
         s = m.clamp(min=WEIGHT_EPS) / half
-        q = torch.round(wf / s).clamp_(lo, hi)
+        q = (wf / s).round_().clamp_(lo, hi)
     q = q.reshape(n, k).to(w.dtype)
     s = s.reshape(weight_scale_shape(cfg, n, k))
     return q, s
@@ -151,7 +151,7 @@ def quantize_act(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     qmax = 2 ** (bits - 1) - 1
     amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True)
     s = amax.clamp(min=ACT_EPS) / qmax
-    q = torch.round(x / s)  # |x / s| <= qmax by construction: no clamp needed
+    q = (x / s).round_()  # |x / s| <= qmax by construction: no clamp needed
     return q, s
 
 

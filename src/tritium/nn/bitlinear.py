@@ -41,9 +41,9 @@ class _QuantLinear(torch.autograd.Function):
             w_used, sw = wq, sw.to(weight.dtype)
         y = F.linear(x_used, w_used)
         if sx is not None or sw is not None:
-            y = y * (sw if sx is None else sx if sw is None else sx * sw)
+            y.mul_(sw if sx is None else sx if sw is None else sx * sw)
         if bias is not None:
-            y = y + bias
+            y.add_(bias)
         ctx.save_for_backward(
             x_used if sx is None else x_used.to(torch.int8), sx,
             w_used if sw is None else w_used.to(torch.int8), sw,
