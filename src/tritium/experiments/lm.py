@@ -1,0 +1,390 @@
+"""Transformer pre-training from scratch at full precision and 1.58 bits (Nielsen et al., 2024, sec. 5).
+
+Tasks ``encoder`` (BertForMaskedLM, masked LM), ``seq2seq`` (T5ForConditionalGeneration, span corruption)
+and ``decoder`` (LlamaForCausalLM, causal LM) on a plain-text corpus (`tritium.data.corpus`).
+
+Every precision of a grid sees the same batches (batch size, sequence length, steps and data order), so
+the token budget is the same. Precisions: ``fp32``; ``bf16`` = fp32 master weights with the forward and
+backward in bf16 autocast; any quantized spec (``1.58-absmedian``, ...) converts the model with
+`tritium.quantize` before training; ``ptq-<spec>`` trains fp32, then applies `tritium.ptq`. Embeddings and
+output heads stay in full precision unless ``--quantize-heads``; ``--exclude REGEX`` keeps more modules in
+full precision. Losses are measured on fixed training and validation batches at intervals; the summary
+has the final validation loss, its perplexity and the gap (validation minus training loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+
+METRIC = "val_loss"
+HIGHER_IS_BETTER = False
+GROUP_BY = ("hidden",)
+ARCHS = ("encoder", "seq2seq", "decoder")
+
+
+def _ints(text: str | int | list) -> list[int]:
+    if isinstance(text, int):
+        return [text]
+    items = text.split(",") if isinstance(text, str) else text
+    return [int(x) for x in items]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the language-model tasks (None: taken from the protocol)."""
+    a = parser.add_argument
+    a("--corpus", default=None, help="plain-text corpus file (relative paths also tried under the data root)")
+    a("--val-fraction", type=float, default=None, help="last fraction of the text used for validation (0.1)")
+    a("--tokenizer", default=None, choices=["bpe", "wordpiece"], help="tokenizer kind (byte-level bpe)")
+    a("--vocab-size", type=int, default=None, help="tokenizer vocabulary size")
+    a("--hidden", default=None, help="comma list of hidden sizes, e.g. 64,128,256,512")
+    a("--layers", type=int, default=None, help="transformer blocks (T5: per encoder and decoder)")
+    a("--head-dim", type=int, default=None, help="attention head size (heads = hidden / head_dim)")
+    a("--dropout", type=float, default=None, help="dropout probability")
+    a("--steps", type=int, default=None, help="optimizer steps")
+    a("--batch-size", type=int, default=None, help="sequences per step")
+    a("--seq-len", type=int, default=None, help="tokens per sequence (T5: before span corruption)")
+    a("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    a("--warmup", type=int, default=None, help="linear learning-rate warm-up steps, then cosine decay")
+    a("--min-lr-ratio", type=float, default=None, help="final learning rate as a fraction of --lr")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay of matrices")
+    a("--eval-every", type=int, default=None, help="steps between loss measurements")
+    a("--eval-batches", type=int, default=None, help="fixed batches per split per loss measurement")
+    a("--exclude", action="append", default=None, metavar="REGEX",
+      help="keep modules whose name matches in full precision (repeatable; adds to the heads)")
+    a("--quantize-heads", action="store_true", default=None, help="quantize the output head too")
+    a("--warmup-lambda", type=int, default=None,
+      help="steps of linear blend from full precision to quantized weights (tritium.LambdaWarmup)")
+
+
+def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
+    """One config per hidden size, precision and seed."""
+    from .runner import precisions
+
+    if args.task not in ARCHS:
+        raise ValueError(f"task {args.task!r} is not a language-model task {ARCHS}")
+    if not args.corpus:
+        raise ValueError("no corpus: pass --corpus PATH")
+    common = {
+        "task": args.task, "corpus": Path(args.corpus).name, "layers": args.layers, "steps": args.steps,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
+        "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "eval_every": args.eval_every,
+        "eval_batches": args.eval_batches, "vocab_size": args.vocab_size, "tokenizer": args.tokenizer,
+        "val_fraction": args.val_fraction, "head_dim": args.head_dim, "dropout": args.dropout,
+    }
+    options = {"exclude": list(args.exclude or []), "quantize_heads": bool(args.quantize_heads),
+               "warmup_lambda": int(args.warmup_lambda or 0)}
+    # only non-default conversion options enter the config, so default runs keep their keys
+    common.update({k: v for k, v in options.items() if v})
+    return [
+        {**common, "hidden": h, "precision": p, "seed": s}
+        for h in _ints(args.hidden) for p in precisions(args) for s in range(int(args.seeds))
+    ]
+
+
+def make_batch_fn(arch: str, corpus, split: torch.Tensor, batch_size: int, seq_len: int) -> Callable:
+    """``batch(generator) -> dict`` of model inputs with labels for ``arch``'s pre-training objective."""
+    from tritium.data.corpus import mask_tokens, random_windows, span_corrupt
+
+    def batch(g: torch.Generator) -> dict:
+        ids = random_windows(split, batch_size, seq_len, g)
+        if arch == "encoder":
+            x, y = mask_tokens(ids, corpus.mask_id, corpus.vocab_size, corpus.n_special, g)
+        elif arch == "seq2seq":
+            x, y = span_corrupt(ids, corpus.sentinels, corpus.eos_id, g)
+        else:
+            x, y = ids, ids
+        return {"input_ids": x, "labels": y}
+
+    return batch
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict], dtype: torch.dtype | None = None) -> float:
+    """Mean loss of ``model`` over ``batches`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for b in batches:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            losses.append(model(**b).loss.float().item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(
+    model: torch.nn.Module,
+    get_batch: Callable[[int], dict],
+    steps: int,
+    lr: float,
+    warmup: int = 0,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    eval_every: int = 100,
+    eval_sets: dict[str, list[dict]] | None = None,
+    dtype: torch.dtype | None = None,
+    warmup_lambda: int = 0,
+    progress: bool = True,
+) -> dict[str, list]:
+    """Train ``model`` for ``steps`` AdamW steps on ``get_batch(step)``; return the loss curves.
+
+    Losses on each of ``eval_sets`` (name -> fixed batches) are recorded every ``eval_every`` steps and
+    at the end as ``curves[name + "_loss"]``. ``dtype`` is an autocast dtype (bf16) or None (fp32);
+    ``warmup_lambda`` blends quantized layers in from full precision over that many steps.
+    """
+    from tqdm.auto import tqdm
+
+    import tritium
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    blend = tritium.LambdaWarmup(model, warmup_lambda) if warmup_lambda else None
+    curves: dict[str, list] = {"step": []}
+    model.train()
+    bar = tqdm(range(steps + 1), disable=not progress, leave=False)
+    for step in bar:
+        if eval_sets and (step % eval_every == 0 or step == steps):
+            curves["step"].append(step)
+            for name, batches in eval_sets.items():
+                curves.setdefault(f"{name}_loss", []).append(evaluate(model, batches, dtype))
+            bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in curves.items() if k.endswith("_loss")})
+        if step == steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup, min_lr_ratio)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = model(**get_batch(step)).loss
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if blend is not None:
+            blend.step()
+    return curves
+
+
+def _corpus(cfg: dict, args: argparse.Namespace):
+    from tritium.data.corpus import load_corpus
+
+    return load_corpus(args.corpus, Path(args.out) / "tokenizers", vocab_size=cfg["vocab_size"],
+                       kind=cfg["tokenizer"], val_fraction=cfg["val_fraction"],
+                       data_dir=getattr(args, "data_dir", None))
+
+
+def build(cfg: dict, corpus) -> torch.nn.Module:
+    """The untrained full-precision model of a run config."""
+    from tritium.models.transformers import build_model
+
+    return build_model(cfg["task"], corpus.vocab_size, cfg["hidden"], cfg["layers"], cfg["seq_len"],
+                       cfg["head_dim"], cfg["dropout"], corpus.pad_id, corpus.bos_id, corpus.eos_id)
+
+
+def run_one(cfg: dict, args: argparse.Namespace) -> dict:
+    """Train and evaluate one run (see the module docstring)."""
+    import tritium
+    from tritium.models.transformers import quantize_excludes
+
+    from .runner import run_key, split_precision
+
+    train_spec, ptq_spec = split_precision(cfg["precision"])
+    torch.manual_seed(cfg["seed"])
+    corpus = _corpus(cfg, args)
+    model = build(cfg, corpus)
+    exclude = quantize_excludes(cfg["task"], cfg.get("quantize_heads", False), cfg.get("exclude"))
+    if train_spec not in ("fp32", "bf16", "fp16"):
+        tritium.quantize(model, train_spec, exclude=exclude)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_spec)
+
+    bs, sl = cfg["batch_size"], cfg["seq_len"]
+    train_batch = make_batch_fn(cfg["task"], corpus, corpus.train, bs, sl)
+    val_batch = make_batch_fn(cfg["task"], corpus, corpus.val, bs, sl)
+    g = torch.Generator().manual_seed(1234)  # the same evaluation batches for every run
+    eval_sets = {"train": [train_batch(g) for _ in range(cfg["eval_batches"])],
+                 "val": [val_batch(g) for _ in range(cfg["eval_batches"])]}
+
+    def get_batch(step: int) -> dict:  # the data order depends on (seed, step) only
+        return train_batch(torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step))
+
+    work = Path(args.work_dir) if getattr(args, "work_dir", None) else None
+    fp32_ckpt = None
+    if ptq_spec is not None and work is not None:  # reuse the matching fp32 run's weights when present
+        fp32_ckpt = work.parent / run_key({**cfg, "precision": "fp32"}) / "final.pt"
+    t0 = time.perf_counter()
+    if fp32_ckpt is not None and fp32_ckpt.is_file():
+        model.load_state_dict(torch.load(fp32_ckpt, weights_only=True))
+        curves = {"step": [cfg["steps"]], "train_loss": [evaluate(model, eval_sets["train"])],
+                  "val_loss": [evaluate(model, eval_sets["val"])]}
+    else:
+        curves = train(
+            model, get_batch, cfg["steps"], cfg["lr"], cfg["warmup"], cfg["min_lr_ratio"], cfg["weight_decay"],
+            eval_every=cfg["eval_every"], eval_sets=eval_sets, dtype=dtype,
+            warmup_lambda=cfg.get("warmup_lambda", 0), progress=not getattr(args, "no_progress", False),
+        )
+        if train_spec == "fp32" and ptq_spec is None and work is not None:
+            work.mkdir(parents=True, exist_ok=True)
+            tmp = work / "final.pt.tmp"
+            torch.save(model.state_dict(), tmp)
+            tmp.replace(work / "final.pt")
+    train_s = time.perf_counter() - t0
+    out = {}
+    if ptq_spec is not None:
+        out["fp32_val_loss"] = curves["val_loss"][-1]
+        tritium.ptq(model, ptq_spec, exclude=exclude)
+        curves["step"].append(cfg["steps"])  # the last point of the curves is after PTQ
+        curves["train_loss"].append(evaluate(model, eval_sets["train"]))
+        curves["val_loss"].append(evaluate(model, eval_sets["val"]))
+    val, tr = curves["val_loss"][-1], curves["train_loss"][-1]
+    n_tokens = cfg["steps"] * bs * sl
+    out.update({
+        "val_loss": val, "train_loss": tr, "ppl": math.exp(min(val, 50.0)), "gap": val - tr,
+        "params": sum(p.numel() for p in model.parameters()), "tokens": n_tokens,
+        "train_s": round(train_s, 2), **tritium.summary(model).as_dict(), "curves": curves,
+    })
+    return out
+
+
+def variant(row: dict) -> str:
+    """The precision of a row plus its non-default conversion options, e.g. "1.58-absmedian fp:EncDecAttention"."""
+    parts = [row["precision"]]
+    if row.get("exclude"):
+        parts.append("fp:" + "|".join(row["exclude"]))
+    if row.get("quantize_heads"):
+        parts.append("q-heads")
+    if row.get("warmup_lambda"):
+        parts.append(f"λ-warmup{row['warmup_lambda']}")
+    return " ".join(parts)
+
+
+def match_hidden(hidden: list[int], losses: list[float], target: float) -> tuple[float, str]:
+    """Smallest hidden size where the loss curve (piecewise linear in log hidden) reaches ``target``.
+
+    Returns ``(hidden, qualifier)``: "=" interpolated, "<=" reached already at the smallest measured size,
+    ">" not reached in the measured range (hidden is then the largest measured size).
+    """
+    pts = sorted(zip(hidden, losses, strict=True))
+    if pts[0][1] <= target:
+        return float(pts[0][0]), "<="
+    for (h0, l0), (h1, l1) in pairwise(pts):
+        if l1 <= target:
+            t = (l0 - target) / (l0 - l1)
+            return 2 ** (math.log2(h0) + t * (math.log2(h1) - math.log2(h0))), "="
+    return float(pts[-1][0]), ">"
+
+
+def hidden_factors(ref: dict[int, float], curve: dict[int, float]) -> dict[int, tuple[float, str]]:
+    """Per reference hidden size h: the factor k (with qualifier, see `match_hidden`) such that ``curve``
+    at k*h reaches the loss ``ref[h]``."""
+    hs = sorted(curve)
+    out = {}
+    for h, target in sorted(ref.items()):
+        found, qual = match_hidden(hs, [curve[x] for x in hs], target)
+        out[h] = (found / h, qual)
+    return out
+
+
+def format_factor(factor: float, qual: str) -> str:
+    """``1.9x``, ``<= 0.5x`` or ``> 8x``."""
+    return f"{factor:.2g}x" if qual == "=" else f"{qual} {factor:.2g}x"
+
+
+def _means(rows: list[dict], metric: str) -> dict[str, dict[int, float]]:
+    """``{variant: {hidden: mean metric over seeds}}``."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if isinstance(r.get(metric), (int, float)):
+            acc.setdefault(variant(r), {}).setdefault(r["hidden"], []).append(float(r[metric]))
+    return {v: {h: sum(x) / len(x) for h, x in d.items()} for v, d in acc.items()}
+
+
+def _order(v: str) -> tuple:
+    from .report import precision_order
+
+    p, _, rest = v.partition(" ")
+    return (*precision_order(p), rest)
+
+
+def plot_scaling(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Final training and validation loss against hidden size (log axis), one line per precision."""
+    from .report import _plt
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric in zip(axes, ("train_loss", "val_loss"), strict=True):
+        means = _means(rows, metric)
+        for v in sorted(means, key=_order):
+            hs = sorted(means[v])
+            ax.plot(hs, [means[v][h] for h in hs], marker="o", ms=3, lw=1, label=v,
+                    ls="--" if v.startswith("ptq-") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("hidden size")
+        ax.set_ylabel(f"final {metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
+
+
+def report(rows: list[dict], out: Path) -> str:
+    """Scaling plot, hidden-size factors at which 1.58 bits match full precision, train-val gaps, PTQ."""
+    rows = [r for r in rows if "hidden" in r and "precision" in r]
+    if not rows:
+        return ""
+    task = rows[0]["task"]
+    path = plot_scaling(rows, Path(out) / f"{task}_scaling.png", title=f"{task}: final loss vs hidden size")
+    parts = [f"### {task}: scaling with hidden size", "", f"![{task} scaling]({path.name})", ""]
+    hs = sorted({r["hidden"] for r in rows})
+    for metric in ("train_loss", "val_loss"):
+        means = _means(rows, metric)
+        ref = next((p for p in ("fp32", "bf16", "fp16") if p in means), None)
+        quant = [v for v in sorted(means, key=_order) if v != ref and not v.startswith(("bf16", "fp16", "fp32"))]
+        if ref is None or not quant:
+            continue
+        body, sentences = [], []
+        for v in quant:
+            f = hidden_factors(means[ref], means[v])
+            body.append([v, *(format_factor(*f[h]) if h in f else "" for h in hs)])
+            h0 = min(f)
+            sentences.append(f"- {v} needs {format_factor(*f[h0])} hidden to match {ref} {metric} at hidden {h0}"
+                             + (" (not reached in the measured range)" if f[h0][1] == ">" else ""))
+        parts += [f"Hidden-size factor at which each precision reaches the {ref} `{metric}` of a given hidden "
+                  f"size (piecewise-linear interpolation in log hidden; `>`: not reached, `<=`: already "
+                  f"reached at the smallest size):", "",
+                  _table(["precision", *(f"{ref} @ {h}" for h in hs)], body), *sentences, ""]
+    gap = _means(rows, "gap")
+    parts += ["Train-validation gap (final validation minus training loss, mean over seeds):", "",
+              _table(["precision", *map(str, hs)],
+                     [[v, *(f"{gap[v][h]:.3f}" if h in gap[v] else "" for h in hs)] for v in sorted(gap, key=_order)]),
+              ""]
+    ptq = [v for v in gap if v.startswith("ptq-")]
+    if ptq:
+        fp, q = _means(rows, "fp32_val_loss"), _means(rows, "val_loss")
+        body = [[v, *(f"{fp[v][h]:.3f} → {q[v][h]:.3f}" if h in q[v] else "" for h in hs)] for v in ptq]
+        parts += ["Post-training quantization: validation loss of the fp32 model → after `tritium.ptq`:", "",
+                  _table(["precision", *map(str, hs)], body), ""]
+    return "\n".join(parts)
