@@ -74,7 +74,15 @@ def _measure(w: Tensor, measure: str, dim: int | None, sample: int) -> Tensor:
         if dim is None:
             return torch.linalg.vector_norm(w, ord=1) / max(w.numel(), 1)
         return w.abs().mean(dim=dim, keepdim=True)
-    return torch.linalg.vector_norm(w, ord=math.inf, dim=dim, keepdim=dim is not None)
+    return absmax(w, dim)
+
+
+def absmax(x: Tensor, dim: int | None = None) -> Tensor:
+    """``max |x|`` over ``dim`` (keepdim) or the whole tensor; NaN propagates. (Two reductions without an
+    ``abs`` temporary: about twice as fast as ``x.abs().amax()`` or an inf-norm on CPU.)"""
+    if dim is None:
+        return torch.maximum(x.amax(), -x.amin())
+    return torch.maximum(x.amax(dim, keepdim=True), -x.amin(dim, keepdim=True))
 
 
 def weight_scale_shape(cfg: BitConfig, out_features: int, in_features: int) -> tuple[int, ...]:
@@ -149,8 +157,7 @@ def quantize_act(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     ``q`` has ``x``'s dtype and shape, ``s`` has shape ``x.shape[:-1] + (1,)``; ``q * s`` approximates ``x``.
     """
     qmax = 2 ** (bits - 1) - 1
-    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True)
-    s = amax.clamp(min=ACT_EPS) / qmax
+    s = absmax(x, -1).clamp(min=ACT_EPS) / qmax
     q = (x / s).round_()  # |x / s| <= qmax by construction: no clamp needed
     return q, s
 
