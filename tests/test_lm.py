@@ -1,0 +1,180 @@
+"""Language-model tasks: corpus split and tokenizer cache, collators, tiny models, runner, scaling factors."""
+
+import json
+import math
+import random
+from itertools import pairwise
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import tritium  # noqa: E402
+from tritium.data import corpus as C  # noqa: E402
+from tritium.experiments import lm  # noqa: E402
+from tritium.models.transformers import build_model, quantize_excludes  # noqa: E402
+
+WORDS = "the king queen lord shall thou thee my good and of to come go speak night day love war".split()
+
+
+def make_text(n_lines: int = 600, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        name = rng.choice(["KING", "QUEEN", "LORD"])
+        lines.append(f"{name}:\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + ".\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(make_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(corpus_file, tmp_path_factory):
+    return C.load_corpus(corpus_file, tmp_path_factory.mktemp("cache"), vocab_size=320)
+
+
+def test_split_is_contiguous_and_about_ten_percent():
+    text = make_text(200)
+    train, val = C.split_text(text, 0.1)
+    assert train + val == text
+    assert abs(len(val) / len(text) - 0.1) < 0.03
+    assert val == "" or train.endswith("\n")
+
+
+def test_tokenizer_is_cached(corpus_file, tmp_path, monkeypatch):
+    first = C.load_corpus(corpus_file, tmp_path, vocab_size=320)
+    assert first.vocab_size == 320 and len(first.train) > 5 * len(first.val) > 0
+    assert first.sentinels == list(range(len(C.SPECIALS), first.n_special))
+    monkeypatch.setattr(C, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer retrained"))
+    second = C.load_corpus(corpus_file, tmp_path, vocab_size=320)
+    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
+    third_dir = {p.name for p in tmp_path.iterdir()}
+    assert len(third_dir) == 1  # one cache entry for one corpus and setting
+    assert second.tokenizer.decode(second.val[:50].tolist())
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tinyshakespeare"):
+        C.load_corpus(tmp_path / "nope.txt", tmp_path)
+
+
+def test_mask_tokens_selects_15_percent_80_10_10():
+    vocab, n_special, mask_id = 1000, 40, 4
+    ids = torch.randint(n_special, vocab, (256, 128), generator=torch.Generator().manual_seed(0))
+    x, y = C.mask_tokens(ids, mask_id, vocab, n_special, torch.Generator().manual_seed(1))
+    sel = y != -100
+    assert x.shape == y.shape == ids.shape
+    assert abs(sel.float().mean().item() - 0.15) < 0.01
+    assert torch.equal(y[sel], ids[sel])
+    assert torch.equal(x[~sel], ids[~sel])
+    masked = (x[sel] == mask_id).float().mean().item()
+    kept = (x[sel] == ids[sel]).float().mean().item()
+    rand = 1 - masked - kept
+    assert abs(masked - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(rand - 0.1) < 0.02
+    assert x.min() >= n_special or (x[x < n_special] == mask_id).all()
+
+
+def test_span_corruption_reconstructs_the_input():
+    sentinels, eos = list(range(5, 37)), 3
+    ids = torch.randint(40, 300, (64, 128), generator=torch.Generator().manual_seed(0))
+    x, y = C.span_corrupt(ids, sentinels, eos, torch.Generator().manual_seed(1))
+    assert x.shape[0] == y.shape[0] == 64
+    assert (x[:, -1] == eos).all() and (y[:, -1] == eos).all()
+    n_spans = sum(int(t) in sentinels for t in x[0])
+    n_noise = y.shape[1] - n_spans - 1
+    assert abs(n_noise / 128 - 0.15) < 0.02
+    assert abs(n_noise / n_spans - 3) <= 1.5
+    for row, xi, yi in zip(ids.tolist(), x.tolist(), y.tolist(), strict=True):
+        spans, cur = {}, None
+        for t in yi[:-1]:
+            if t in sentinels:
+                cur = t
+                spans[cur] = []
+            else:
+                spans[cur].append(t)
+        assert all(spans.values()) and list(spans) == sentinels[: len(spans)]
+        rebuilt = [u for t in xi[:-1] for u in (spans[t] if t in sentinels else [t])]
+        assert rebuilt == row
+
+
+@pytest.mark.parametrize("arch", ["encoder", "seq2seq", "decoder"])
+def test_tiny_model_learns_at_1_58_bits(arch, corpus):
+    torch.manual_seed(0)
+    model = build_model(arch, corpus.vocab_size, 32, 2, 32, pad_id=corpus.pad_id, eos_id=corpus.eos_id)
+    tritium.quantize(model, "1.58-absmedian", exclude=quantize_excludes(arch))
+    assert tritium.summary(model).as_dict()["layers_converted"] > 0
+    batch = lm.make_batch_fn(arch, corpus, corpus.train, 8, 32)
+    evals = {"val": [batch(torch.Generator().manual_seed(99)) for _ in range(2)]}
+    curves = lm.train(model, lambda s: batch(torch.Generator().manual_seed(s)), 40, 3e-3, warmup=5,
+                      eval_every=20, eval_sets=evals, progress=False)
+    assert curves["step"] == [0, 20, 40]
+    assert curves["val_loss"][-1] < curves["val_loss"][0] - 0.5
+
+
+@pytest.mark.parametrize("arch,head", [("encoder", "cls.predictions.decoder"), ("seq2seq", "lm_head"),
+                                       ("decoder", "lm_head")])
+def test_heads_stay_full_precision_by_default(arch, head):
+    for quantize_heads in (False, True):
+        model = build_model(arch, 300, 32, 1, 16)
+        tritium.quantize(model, "1.58-absmedian", exclude=quantize_excludes(arch, quantize_heads))
+        assert isinstance(model.get_submodule(head), tritium.BitLinear) == quantize_heads
+
+
+def test_exclude_keeps_cross_attention_full_precision():
+    model = build_model("seq2seq", 300, 32, 1, 16)
+    tritium.quantize(model, "1.58-absmedian", exclude=quantize_excludes("seq2seq", exclude=["EncDecAttention"]))
+    names = [n for n, m in model.named_modules() if isinstance(m, tritium.BitLinear)]
+    assert names and not any("EncDecAttention" in n for n in names)
+    assert any("SelfAttention" in n for n in names)
+
+
+def test_hidden_factor_interpolation():
+    hs = [32, 64, 128, 256]
+    fp = {h: 5.0 - 0.5 * math.log2(h) for h in hs}
+    q = {h: 5.0 - 0.5 * (math.log2(h) - 1) for h in hs}  # q(2h) == fp(h)
+    f = lm.hidden_factors(fp, q)
+    assert f[32] == pytest.approx((2.0, "=")) and f[64][0] == pytest.approx(2.0) and f[128][0] == 2.0
+    assert f[256] == (1.0, ">")
+    q15 = {h: 5.0 - 0.5 * (math.log2(h) - math.log2(1.5)) for h in hs}
+    assert lm.hidden_factors(fp, q15)[64][0] == pytest.approx(1.5)
+    assert lm.hidden_factors(fp, fp)[32] == (1.0, "<=")
+    assert lm.format_factor(1.94, "=") == "1.9x" and lm.format_factor(8, ">") == "> 8x"
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lm.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in pairwise(lrs[9:]))
+
+
+def test_runner_runs_resumes_and_reports(corpus_file, tmp_path, capsys):
+    from tritium.cli import main
+
+    argv = ["run", "decoder", "--corpus", str(corpus_file), "--out", str(tmp_path), "--hidden", "32,64",
+            "--layers", "1", "--steps", "6", "--batch-size", "4", "--seq-len", "16", "--eval-every", "3",
+            "--eval-batches", "1", "--vocab-size", "320", "--precision", "fp32,ptq-1.58-absmedian",
+            "--no-progress"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["precision"] for r in rows} == {"fp32", "ptq-1.58-absmedian"}
+    ptq = next(r for r in rows if r["precision"].startswith("ptq"))
+    assert ptq["layers_converted"] > 0 and ptq["fp32_val_loss"] != ptq["val_loss"]
+    fp = next(r for r in rows if r["precision"] == "fp32" and r["hidden"] == ptq["hidden"])
+    assert ptq["fp32_val_loss"] == pytest.approx(fp["val_loss"], rel=1e-4)  # reuses the fp32 weights
+    for r in rows:
+        assert r["gap"] == pytest.approx(r["val_loss"] - r["train_loss"])
+        assert r["curves"]["step"][-1] == 6
+    assert fp["curves"]["step"] == [0, 3, 6] and ptq["curves"]["step"] == [6, 6]  # fp32 weights, then PTQ
+    assert main(argv) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+    md = (tmp_path / "results.md").read_text()
+    assert "decoder_scaling.png" in md and "Train-validation gap" in md
+    assert (tmp_path / "decoder_scaling.png").is_file()
