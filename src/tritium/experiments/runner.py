@@ -243,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
         clash = set(metrics) & (set(cfg) | {"key", "wall_s", "finished_at"})
         if clash:
             raise ValueError(f"task {args.task!r} returned metrics that clash with config keys: {sorted(clash)}")
+        if isinstance(metrics.get("curves"), dict):
+            metrics["curves"] = {k: [round(v, 5) if isinstance(v, float) else v for v in vs]
+                                 for k, vs in metrics["curves"].items()}
         row = {"key": key, **cfg, **metrics, "wall_s": round(wall, 3),
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if main:

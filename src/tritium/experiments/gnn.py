@@ -1,0 +1,86 @@
+"""Node classification with SGC and GCN on Planetoid graphs (``tritium run gnn``): full-batch AdamW."""
+
+from __future__ import annotations
+
+import argparse
+
+METRIC = "test_acc"
+HIGHER_IS_BETTER = True
+GROUP_BY = ("arch", "dataset")
+HYPER = ("epochs", "lr", "weight_decay", "hidden", "dropout", "k")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None, help="comma list: Cora, CiteSeer, PubMed")
+    parser.add_argument("--arch", default=None, help="comma list: sgc, gcn")
+    parser.add_argument("--epochs", type=int, default=None)
+
+
+def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
+    from .runner import precisions
+
+    runs = []
+    for arch in str(args.arch).split(","):
+        arch = arch.strip().lower()
+        if arch not in ("sgc", "gcn"):
+            raise ValueError(f"unknown arch {arch!r}; choose sgc or gcn")
+        hyper = {k: protocol[arch][k] if isinstance(protocol.get(arch), dict) and k in protocol[arch]
+                 else protocol[k] for k in HYPER}
+        if args.epochs is not None:
+            hyper["epochs"] = args.epochs
+        if arch == "sgc":
+            hyper.pop("hidden"), hyper.pop("dropout")
+        else:
+            hyper.pop("k")
+        for d in str(args.dataset).split(","):
+            runs += [{"task": "gnn", "arch": arch, "dataset": d.strip(), "precision": p, "seed": s, **hyper}
+                     for s in range(args.seeds) for p in precisions(args)]
+    return runs
+
+
+def run_one(cfg: dict, args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import tritium
+    from tritium.data.planetoid import load_planetoid
+    from tritium.models.gnn import GCN, SGC
+
+    from .runner import progress, split_precision
+
+    data = load_planetoid(cfg["dataset"], args.data_dir)
+    torch.manual_seed(cfg["seed"])
+    n_classes = int(data.y.max()) + 1
+    if cfg["arch"] == "sgc":
+        model = SGC(data.num_features, n_classes, k=cfg["k"])
+    else:
+        model = GCN(data.num_features, n_classes, hidden=cfg["hidden"], dropout=cfg["dropout"])
+    train_spec, ptq_spec = split_precision(cfg["precision"])
+    tritium.quantize(model, train_spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+    def accuracy() -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            pred = model(data.x, data.edge_index).argmax(-1)
+        return tuple((pred[m] == data.y[m]).float().mean().item() for m in (data.val_mask, data.test_mask))
+
+    curves: dict[str, list] = {"step": [], "train_loss": [], "val_acc": [], "test_acc": []}
+    best_val, test_at_best = -1.0, 0.0
+    for epoch in progress(range(cfg["epochs"]), args, desc=f"{cfg['arch']} {cfg['dataset']} {cfg['precision']}"):
+        model.train()
+        loss = F.cross_entropy(model(data.x, data.edge_index)[data.train_mask], data.y[data.train_mask])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        val_acc, test_acc = accuracy()
+        if val_acc > best_val:
+            best_val, test_at_best = val_acc, test_acc
+        for k, v in (("step", epoch + 1), ("train_loss", loss.item()), ("val_acc", val_acc), ("test_acc", test_acc)):
+            curves[k].append(v)
+    if ptq_spec:
+        tritium.ptq(model, ptq_spec)
+    val_acc, test_acc = accuracy()
+    return {"test_acc": test_acc, "last_val_acc": val_acc, "best_val_acc": best_val,
+            "test_acc_at_best_val": test_at_best, "final_train_loss": curves["train_loss"][-1],
+            "curves": curves, **tritium.summary(model).as_dict()}

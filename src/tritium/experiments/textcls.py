@@ -1,0 +1,126 @@
+"""Text classification with WideMLP (``tritium run mlp``) on text_gcn-layout datasets.
+
+Training: AdamW, linear learning-rate decay to zero over all steps, cross-entropy, mini-batches of
+shuffled documents. The word-embedding layer gets sparse gradients that are accumulated into a
+persistent dense gradient (only the rows of the previous batch are zeroed), so AdamW still sees and
+updates every parameter as with a dense gradient, at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+METRIC = "test_acc"
+HIGHER_IS_BETTER = True
+GROUP_BY = ("dataset",)
+HYPER = ("epochs", "batch_size", "lr", "weight_decay", "hidden", "dropout", "min_count", "val_fraction",
+         "split_seed", "input_layer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None, help="comma list of text_gcn datasets (R8, R52, 20ng, ...)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--min-count", type=int, default=None, help="drop words rarer than this in train")
+    parser.add_argument("--input-layer", choices=("embedding", "linear"), default=None,
+                        help="embedding: EmbeddingBag kept in full precision (paper); linear: a Linear over "
+                             "the bag-of-words vector, quantized too")
+
+
+def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
+    from .runner import precisions
+
+    hyper = {k: getattr(args, k, None) if getattr(args, k, None) is not None else protocol[k] for k in HYPER}
+    datasets = [d.strip() for d in str(args.dataset).split(",") if d.strip()]
+    return [{"task": "mlp", "dataset": d, "precision": p, "seed": s, "model": "widemlp", **hyper}
+            for d in datasets for s in range(args.seeds) for p in precisions(args)]
+
+
+def _accuracy(model, split, batch_size: int = 1024) -> float:
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(split), batch_size):
+            index = torch.arange(i, min(i + batch_size, len(split)))
+            ids, offsets = split.batch(index)
+            correct += (model(ids, offsets).argmax(-1) == split.labels[index]).sum().item()
+    return correct / max(len(split), 1)
+
+
+def run_one(cfg: dict, args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import tritium
+    from tritium.data.textcls import load_text_gcn
+    from tritium.models import WideMLP
+
+    from .runner import progress, split_precision
+
+    ds = load_text_gcn(cfg["dataset"], args.data_dir, cfg["min_count"], cfg["val_fraction"], cfg["split_seed"])
+    torch.manual_seed(cfg["seed"])
+    model = WideMLP(len(ds.vocab), len(ds.classes), cfg["hidden"], cfg["dropout"], cfg["input_layer"])
+    train_spec, ptq_spec = split_precision(cfg["precision"])
+    tritium.quantize(model, train_spec)
+    sparse = isinstance(model.embed, torch.nn.EmbeddingBag)
+    if sparse:
+        model.embed.sparse = True
+        model.embed.weight.grad = torch.zeros_like(model.embed.weight)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
+    steps_per_epoch = math.ceil(len(ds.train) / cfg["batch_size"])
+    total = cfg["epochs"] * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / total))
+    g = torch.Generator().manual_seed(cfg["seed"])
+    curves: dict[str, list] = {"step": [], "train_loss": [], "val_acc": [], "test_acc": []}
+    best_val, test_at_best, last_rows = -1.0, 0.0, None
+    for epoch in progress(range(cfg["epochs"]), args, desc=f"{cfg['dataset']} {cfg['precision']}"):
+        model.train()
+        perm = torch.randperm(len(ds.train), generator=g)
+        loss_sum = 0.0
+        for i in range(0, len(perm), cfg["batch_size"]):
+            index = perm[i: i + cfg["batch_size"]]
+            ids, offsets = ds.train.batch(index)
+            loss = F.cross_entropy(model(ids, offsets), ds.train.labels[index])
+            for p in model.parameters():
+                if p is not model.embed.weight or not sparse:
+                    p.grad = None
+            if sparse and last_rows is not None:
+                model.embed.weight.grad.index_fill_(0, last_rows, 0.0)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last_rows = ids.unique() if sparse else None
+            loss_sum += loss.item() * len(index)
+        val_acc, test_acc = _accuracy(model, ds.val), _accuracy(model, ds.test)
+        if val_acc > best_val:
+            best_val, test_at_best = val_acc, test_acc
+        curves["step"].append(epoch + 1)
+        curves["train_loss"].append(loss_sum / len(ds.train))
+        curves["val_acc"].append(val_acc)
+        curves["test_acc"].append(test_acc)
+    if ptq_spec:
+        tritium.ptq(model, ptq_spec)
+    test_acc = _accuracy(model, ds.test)
+    return {
+        "test_acc": test_acc, "last_val_acc": _accuracy(model, ds.val), "best_val_acc": best_val,
+        "test_acc_at_best_val": test_at_best, "final_train_loss": curves["train_loss"][-1],
+        "vocab_size": len(ds.vocab), "n_train": len(ds.train), "n_val": len(ds.val), "n_test": len(ds.test),
+        "curves": curves, **tritium.summary(model).as_dict(),
+    }
+
+
+def report(rows: list[dict], out: Path) -> str:
+    """Validation accuracies and data sizes per dataset and precision."""
+    from .report import summary_table
+
+    parts = ["### WideMLP: best validation accuracy", "", summary_table(rows, GROUP_BY, "best_val_acc")]
+    sizes = {r["dataset"]: r for r in rows}
+    parts += ["### Data", "", "| dataset | vocab | train | val | test |", "|---|---:|---:|---:|---:|"]
+    parts += [f"| {d} | {r['vocab_size']} | {r['n_train']} | {r['n_val']} | {r['n_test']} |"
+              for d, r in sizes.items()]
+    return "\n".join(parts) + "\n"
