@@ -178,3 +178,19 @@ def test_runner_runs_resumes_and_reports(corpus_file, tmp_path, capsys):
     md = (tmp_path / "results.md").read_text()
     assert "decoder_scaling.png" in md and "Train-validation gap" in md
     assert (tmp_path / "decoder_scaling.png").is_file()
+
+
+@pytest.mark.parametrize("spec,dtype,warmup_lambda", [("fp32", torch.bfloat16, 0), ("1.58-absmedian", None, 2)])
+def test_bf16_autocast_and_lambda_warmup_train(spec, dtype, warmup_lambda):
+    corpus_ids = torch.arange(40, 300).repeat(20)
+    model = build_model("decoder", 300, 32, 1, 16)
+    tritium.quantize(model, spec, exclude=quantize_excludes("decoder"))
+
+    def get_batch(step):
+        ids = C.random_windows(corpus_ids, 4, 16, torch.Generator().manual_seed(step))
+        return {"input_ids": ids, "labels": ids}
+
+    curves = lm.train(model, get_batch, 4, 1e-3, eval_every=2, eval_sets={"val": [get_batch(99)]},
+                      dtype=dtype, warmup_lambda=warmup_lambda, progress=False)
+    assert all(math.isfinite(v) for v in curves["val_loss"])
+    assert all(m.config.lambda_ == 1.0 for _, m in tritium.convert.bit_layers(model))
