@@ -1,0 +1,47 @@
+"""Loading of the compiled kernel library (plain C ABI, via ctypes)."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from pathlib import Path
+
+NAME = "_tritium_kernels"
+NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2}
+
+
+def _candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    found = [here / (NAME + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    return [p for p in found if p.is_file()] + sorted(here.glob(NAME + "*.so"))
+
+
+def load() -> tuple[ctypes.CDLL | None, str]:
+    """The library and an empty string, or None and why it could not be loaded.
+
+    ``TRITIUM_KERNEL_LIB`` names the library file explicitly (default: next to this module).
+    """
+    explicit = os.environ.get("TRITIUM_KERNEL_LIB")
+    paths = [Path(explicit)] if explicit else _candidates()
+    if not paths:
+        return None, f"no compiled {NAME} library next to {Path(__file__).parent} (build with pip install -e .)"
+    try:
+        lib = ctypes.CDLL(str(paths[0]))
+        lib.tk_supported.restype = ctypes.c_int
+        lib.tk_abi_version.restype = ctypes.c_int
+        fn = lib.tk_ternary_matmul
+    except (OSError, AttributeError) as e:
+        return None, f"cannot load {paths[0]}: {e}"
+    if lib.tk_abi_version() != 1:
+        return None, f"{paths[0]} has ABI version {lib.tk_abi_version()}, expected 1"
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, p, p, p, p, ctypes.c_int, p, p, i64, i64, i64, ctypes.c_int]
+    return lib, ""
+
+
+def supported(lib: ctypes.CDLL) -> list[str]:
+    """Names of the native backends the library can run on this CPU, fastest first."""
+    mask = lib.tk_supported()
+    return [name for name, i in sorted(NATIVE_IDS.items(), key=lambda kv: -kv[1]) if mask >> i & 1]

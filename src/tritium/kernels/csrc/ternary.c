@@ -1,0 +1,488 @@
+/* Packed ternary x int8 matmul kernels with a plain C ABI (loaded from Python with ctypes).
+ *
+ * Packed layout (see tritium/kernels/reference.py): row-major (N, ceil(K/4)) bytes; weight k of a row
+ * sits in byte k/4 at bits 2*(k%4), coded w + 1 (0 -> -1, 1 -> 0, 2 -> +1; padding is coded 1).
+ *
+ * y[m, n] = float(acc[m, n]) * (sx[m] * sw[n]) + bias[n], acc = sum_k x[m, k] * w[n, k] exactly in int32.
+ * Build with -ffp-contract=off so that the rescale is never fused: all backends agree bit for bit.
+ *
+ * The x86 backends work on the unsigned codes u = w + 1 in {0, 1, 2}: sum_k u*x = acc + sum_k x, so the
+ * activation row sum is subtracted at the end. Activations are permuted once per call so that the four
+ * 2-bit fields of 64 consecutive packed bytes line up with four contiguous 64-byte activation vectors:
+ * within each block of 256 k, xp[i*64 + j] = x[4*j + i].
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define API __attribute__((visibility("default")))
+#define AI static inline __attribute__((always_inline))
+
+enum { BACKEND_GENERIC = 0, BACKEND_AVX2 = 1, BACKEND_AVX512 = 2 };
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Persistent thread pool: workers spin briefly, then sleep on a condition variable.                  */
+
+#define MAX_THREADS 256
+#define SPIN_ITERS 20000
+
+typedef void (*task_fn)(const void *ctx, int64_t task);
+
+static struct {
+    pthread_mutex_t call;  /* one job at a time */
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    int started;           /* worker threads running */
+    atomic_int generation; /* bumped for each job */
+    atomic_int pending;    /* workers still busy with the current job */
+    atomic_long next;      /* next task index */
+    int workers;           /* workers taking part in the current job */
+    task_fn fn;
+    const void *ctx;
+    int64_t ntasks;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          PTHREAD_COND_INITIALIZER};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void run_tasks(task_fn fn, const void *ctx, int64_t ntasks) {
+    for (;;) {
+        int64_t t = atomic_fetch_add(&pool.next, 1);
+        if (t >= ntasks) return;
+        fn(ctx, t);
+    }
+}
+
+static int start_generation[MAX_THREADS]; /* generation when each worker was created */
+
+static void *worker_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    int seen = start_generation[id];
+    for (;;) {
+        int g = atomic_load(&pool.generation);
+        for (int s = 0; g == seen && s < SPIN_ITERS; s++) {
+            cpu_relax();
+            g = atomic_load(&pool.generation);
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&pool.lock);
+            while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = g;
+        if (id < pool.workers) {
+            run_tasks(pool.fn, pool.ctx, pool.ntasks);
+            if (atomic_fetch_sub(&pool.pending, 1) == 1) {
+                pthread_mutex_lock(&pool.lock);
+                pthread_cond_signal(&pool.done);
+                pthread_mutex_unlock(&pool.lock);
+            }
+        }
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) {
+    /* Worker threads do not survive fork: start afresh in the child. */
+    pthread_mutex_init(&pool.call, NULL);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.started = 0;
+}
+
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void install_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork_child); }
+
+/* Run fn(ctx, t) for t in [0, ntasks) on up to nthreads threads (the caller included). */
+static void parallel_for(task_fn fn, const void *ctx, int64_t ntasks, int nthreads) {
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > ntasks) nthreads = (int)ntasks;
+    if (nthreads <= 1) {
+        for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
+        return;
+    }
+    pthread_once(&fork_once, install_fork_handler);
+    pthread_mutex_lock(&pool.call);
+    while (pool.started < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        start_generation[pool.started] = atomic_load(&pool.generation);
+        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)pool.started);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        pool.started++;
+    }
+    int workers = nthreads - 1 < pool.started ? nthreads - 1 : pool.started;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.ntasks = ntasks;
+    pool.workers = workers;
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.pending, workers);
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add(&pool.generation, 1);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    run_tasks(fn, ctx, ntasks);
+    for (int s = 0; atomic_load(&pool.pending) != 0 && s < SPIN_ITERS; s++) cpu_relax();
+    if (atomic_load(&pool.pending) != 0) {
+        pthread_mutex_lock(&pool.lock);
+        while (atomic_load(&pool.pending) != 0) pthread_cond_wait(&pool.done, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    pthread_mutex_unlock(&pool.call);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Job description and the shared epilogue.                                                        */
+
+typedef struct {
+    const int8_t *x;
+    const uint8_t *w;
+    const float *sx, *sw, *bias;
+    float *y;
+    int64_t M, N, K;
+    int64_t kb;         /* packed bytes per weight row: ceil(K / 4) */
+    int64_t kp;         /* K rounded up to 256: row length of xp */
+    int sw_per_channel; /* sw has N entries (else 1) */
+    int8_t *xp;         /* permuted, zero-padded activations (x86 backends) */
+    int32_t *xsum;      /* activation row sums */
+    int64_t bm, bn;     /* task block sizes along M and N */
+    int64_t tm;         /* number of task blocks along M */
+} job_t;
+
+AI void store(const job_t *j, int64_t m, int64_t n, int32_t acc) {
+    float s = j->sx[m] * j->sw[j->sw_per_channel ? n : 0];
+    float v = (float)acc * s;
+    if (j->bias) v = v + j->bias[n];
+    j->y[m * j->N + n] = v;
+}
+
+/* Activation permutation and row sums, one task per row. */
+static void prep_task(const void *ctx, int64_t m) {
+    const job_t *j = ctx;
+    const int8_t *x = j->x + m * j->K;
+    int8_t *xp = j->xp + m * j->kp;
+    int64_t K = j->K, full = K / 4;
+    int32_t sum = 0;
+    memset(xp, 0, (size_t)j->kp);
+    for (int64_t q = 0; q < full; q++) {
+        int8_t *dst = xp + (q / 64) * 256 + (q % 64);
+        const int8_t *src = x + 4 * q;
+        dst[0] = src[0];
+        dst[64] = src[1];
+        dst[128] = src[2];
+        dst[192] = src[3];
+    }
+    for (int64_t k = 4 * full; k < K; k++) xp[(k / 256) * 256 + (k % 4) * 64 + (k % 256) / 4] = x[k];
+    for (int64_t k = 0; k < K; k++) sum += x[k];
+    j->xsum[m] = sum;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Portable C: decode a tile of weight rows to int8 once, reuse it for every activation row.        */
+
+#define GEN_TILE 16
+
+static void generic_task(const void *ctx, int64_t t) {
+    const job_t *j = ctx;
+    int64_t n0 = (t / j->tm) * j->bn, n1 = n0 + j->bn < j->N ? n0 + j->bn : j->N;
+    int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
+    int64_t K = j->K, kb = j->kb;
+    int8_t *tile = malloc((size_t)(GEN_TILE * kb * 4));
+    if (!tile) return;
+    for (int64_t nt = n0; nt < n1; nt += GEN_TILE) {
+        int64_t rows = n1 - nt < GEN_TILE ? n1 - nt : GEN_TILE;
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *src = j->w + (nt + r) * kb;
+            int8_t *dst = tile + r * kb * 4;
+            for (int64_t b = 0; b < kb; b++) {
+                uint8_t v = src[b];
+                dst[4 * b + 0] = (int8_t)((v & 3) - 1);
+                dst[4 * b + 1] = (int8_t)(((v >> 2) & 3) - 1);
+                dst[4 * b + 2] = (int8_t)(((v >> 4) & 3) - 1);
+                dst[4 * b + 3] = (int8_t)((v >> 6) - 1);
+            }
+        }
+        for (int64_t m = m0; m < m1; m++) {
+            const int8_t *x = j->x + m * K;
+            for (int64_t r = 0; r < rows; r++) {
+                const int8_t *w = tile + r * kb * 4;
+                int32_t acc = 0;
+                for (int64_t k = 0; k < K; k++) acc += (int32_t)x[k] * (int32_t)w[k];
+                store(j, m, nt + r, acc);
+            }
+        }
+    }
+    free(tile);
+}
+
+#if defined(__x86_64__)
+/* ------------------------------------------------------------------------------------------------ */
+/* AVX-512 VNNI.                                                                                   */
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,bmi2")))
+
+/* GEMV rows: four 2-bit fields isolated by masks in place (field i is scaled by 4^i, undone by an
+ * exact arithmetic shift of the int32 sums), so each 64-byte load costs four ANDs and four VPDPBUSD. */
+T512 AI void gemv512_rows(const job_t *j, int64_t m, int64_t n, const int NR) {
+    const int8_t *xp = j->xp + m * j->kp;
+    const uint8_t *w = j->w + n * j->kb;
+    int64_t kb = j->kb, full = kb / 64, tail = kb % 64;
+    const __m512i mk[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30),
+                           _mm512_set1_epi8((char)0xC0)};
+    __m512i acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_si512();
+    for (int64_t c = 0; c <= full; c++) {
+        if (c == full && !tail) break;
+        __mmask64 lm = c < full ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
+        __m512i xv[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) xv[i] = _mm512_load_si512((const void *)(xp + c * 256 + i * 64));
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) {
+            __m512i v = _mm512_maskz_loadu_epi8(lm, w + r * kb + c * 64);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], _mm512_and_si512(v, mk[i]), xv[i]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) {
+        __m512i s = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)),
+                                     _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4),
+                                                      _mm512_srai_epi32(acc[r][3], 6)));
+        store(j, m, n + r, _mm512_reduce_add_epi32(s) - j->xsum[m]);
+    }
+}
+
+/* GEMM block of MR activation rows x NR weight rows: each weight vector is decoded once (shift and
+ * mask) and used for all MR rows. */
+T512 AI void gemm512_block(const job_t *j, int64_t m, int64_t n, const int MR, const int NR) {
+    const int8_t *xp = j->xp + m * j->kp;
+    const uint8_t *w = j->w + n * j->kb;
+    int64_t kb = j->kb, kp = j->kp, full = kb / 64, tail = kb % 64;
+    const __m512i m3 = _mm512_set1_epi8(0x03);
+    __m512i acc[6][4];
+#pragma GCC unroll 6
+    for (int a = 0; a < MR; a++)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) acc[a][r] = _mm512_setzero_si512();
+    for (int64_t c = 0; c <= full; c++) {
+        if (c == full && !tail) break;
+        __mmask64 lm = c < full ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) {
+            __m512i v = _mm512_maskz_loadu_epi8(lm, w + r * kb + c * 64);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                __m512i d = _mm512_and_si512(i ? _mm512_srli_epi16(v, 2 * i) : v, m3);
+#pragma GCC unroll 6
+                for (int a = 0; a < MR; a++) {
+                    __m512i xv = _mm512_load_si512((const void *)(xp + a * kp + c * 256 + i * 64));
+                    acc[a][r] = _mm512_dpbusd_epi32(acc[a][r], d, xv);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 6
+    for (int a = 0; a < MR; a++)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++)
+            store(j, m + a, n + r, _mm512_reduce_add_epi32(acc[a][r]) - j->xsum[m + a]);
+}
+
+#define MR512 6
+#define NR512 4
+
+T512 static void gemm512_rows(const job_t *j, int64_t m, int64_t n, int mr, int nr) {
+#define CASE(A, B) \
+    case (A) * 8 + (B): gemm512_block(j, m, n, A, B); break;
+    switch (mr * 8 + nr) {
+        CASE(6, 4) CASE(5, 4) CASE(4, 4) CASE(3, 4) CASE(2, 4) CASE(1, 4)
+        CASE(6, 3) CASE(5, 3) CASE(4, 3) CASE(3, 3) CASE(2, 3) CASE(1, 3)
+        CASE(6, 2) CASE(5, 2) CASE(4, 2) CASE(3, 2) CASE(2, 2) CASE(1, 2)
+        CASE(6, 1) CASE(5, 1) CASE(4, 1) CASE(3, 1) CASE(2, 1) CASE(1, 1)
+    }
+#undef CASE
+}
+
+T512 static void avx512_task(const void *ctx, int64_t t) {
+    const job_t *j = ctx;
+    int64_t n0 = (t / j->tm) * j->bn, n1 = n0 + j->bn < j->N ? n0 + j->bn : j->N;
+    int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
+    if (j->M == 1) {
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) gemv512_rows(j, 0, n, 4);
+        for (; n < n1; n++) gemv512_rows(j, 0, n, 1);
+        return;
+    }
+    for (int64_t m = m0; m < m1; m += MR512) {
+        int mr = m1 - m < MR512 ? (int)(m1 - m) : MR512;
+        for (int64_t n = n0; n < n1; n += NR512) {
+            int nr = n1 - n < NR512 ? (int)(n1 - n) : NR512;
+            gemm512_rows(j, m, n, mr, nr);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* AVX2: VPMADDUBSW on the unsigned codes (|pair sum| <= 512, so four fields add in int16 exactly). */
+
+#define T256 __attribute__((target("avx2,fma,bmi2")))
+
+T256 AI void avx2_block(const job_t *j, int64_t m, int64_t n, const int MR, const int NR) {
+    const int8_t *xp = j->xp + m * j->kp;
+    const uint8_t *w = j->w + n * j->kb;
+    int64_t kb = j->kb, kp = j->kp, full = kb / 32, tail = kb % 32;
+    const __m256i m3 = _mm256_set1_epi8(0x03), ones = _mm256_set1_epi16(1);
+    __m256i acc[3][4];
+#pragma GCC unroll 3
+    for (int a = 0; a < MR; a++)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) acc[a][r] = _mm256_setzero_si256();
+    for (int64_t c = 0; c <= full; c++) {
+        if (c == full && !tail) break;
+        /* 32 packed bytes: block c/2 of 256 k, half c%2 */
+        const int8_t *xc = xp + (c / 2) * 256 + (c % 2) * 32;
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) {
+            __m256i v;
+            if (c < full) {
+                v = _mm256_loadu_si256((const __m256i *)(w + r * kb + c * 32));
+            } else {
+                uint8_t buf[32] = {0};
+                memcpy(buf, w + r * kb + c * 32, (size_t)tail);
+                v = _mm256_loadu_si256((const __m256i *)buf);
+            }
+            __m256i d[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) d[i] = _mm256_and_si256(i ? _mm256_srli_epi16(v, 2 * i) : v, m3);
+#pragma GCC unroll 3
+            for (int a = 0; a < MR; a++) {
+                const int8_t *xa = xc + a * kp;
+                __m256i p = _mm256_maddubs_epi16(d[0], _mm256_load_si256((const __m256i *)xa));
+#pragma GCC unroll 3
+                for (int i = 1; i < 4; i++)
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(d[i], _mm256_load_si256((const __m256i *)(xa + i * 64))));
+                acc[a][r] = _mm256_add_epi32(acc[a][r], _mm256_madd_epi16(p, ones));
+            }
+        }
+    }
+#pragma GCC unroll 3
+    for (int a = 0; a < MR; a++)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; r++) {
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[a][r]), _mm256_extracti128_si256(acc[a][r], 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+            store(j, m + a, n + r, _mm_cvtsi128_si32(s) - j->xsum[m + a]);
+        }
+}
+
+#define MR256 3
+#define NR256 4
+
+T256 static void avx2_rows(const job_t *j, int64_t m, int64_t n, int mr, int nr) {
+#define CASE(A, B) \
+    case (A) * 8 + (B): avx2_block(j, m, n, A, B); break;
+    switch (mr * 8 + nr) {
+        CASE(3, 4) CASE(2, 4) CASE(1, 4)
+        CASE(3, 3) CASE(2, 3) CASE(1, 3)
+        CASE(3, 2) CASE(2, 2) CASE(1, 2)
+        CASE(3, 1) CASE(2, 1) CASE(1, 1)
+    }
+#undef CASE
+}
+
+T256 static void avx2_task(const void *ctx, int64_t t) {
+    const job_t *j = ctx;
+    int64_t n0 = (t / j->tm) * j->bn, n1 = n0 + j->bn < j->N ? n0 + j->bn : j->N;
+    int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
+    for (int64_t m = m0; m < m1; m += MR256) {
+        int mr = m1 - m < MR256 ? (int)(m1 - m) : MR256;
+        for (int64_t n = n0; n < n1; n += NR256) {
+            int nr = n1 - n < NR256 ? (int)(n1 - n) : NR256;
+            avx2_rows(j, m, n, mr, nr);
+        }
+    }
+}
+#endif /* __x86_64__ */
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Public C ABI.                                                                                   */
+
+/* Bit mask of the backends this CPU supports: 1 << BACKEND_*. */
+API int tk_supported(void) {
+    int mask = 1 << BACKEND_GENERIC;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) mask |= 1 << BACKEND_AVX2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        mask |= 1 << BACKEND_AVX512;
+#endif
+    return mask;
+}
+
+API int tk_abi_version(void) { return 1; }
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* y (M, N) = ternary_matmul(x (M, K) int8, w packed (N, ceil(K/4)), sx (M,), sw (N,) or (1,), bias).
+ * Returns 0 on success, -1 for an unsupported backend, -2 when out of memory, -3 for bad sizes. */
+API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const float *sx, const float *sw,
+                          int sw_per_channel, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                          int nthreads) {
+    if (backend < 0 || backend > 2 || !(tk_supported() & (1 << backend))) return -1;
+    if (M < 0 || N < 0 || K < 0 || K > (1 << 17)) return -3;
+    if (M == 0 || N == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    job_t j = {x, w, sx, sw, bias, y, M, N, K, ceil_div(K, 4), ceil_div(K, 256) * 256, sw_per_channel,
+               NULL, NULL, 0, 0, 0};
+    /* Blocks: a weight panel of bn rows (kept in L2) is reused by bm activation rows. */
+    j.bm = M == 1 ? 1 : (M + 95) / 96 > 1 ? 96 : M;
+    j.tm = ceil_div(M, j.bm);
+    int64_t want = (int64_t)nthreads * 8; /* tasks to balance noisy cores */
+    int64_t bn = ceil_div(N, ceil_div(want, j.tm));
+    bn = ceil_div(bn, 16) * 16;
+    if (M > 1 && bn > 64) bn = 64;
+    j.bn = bn;
+    int64_t ntasks = ceil_div(N, bn) * j.tm;
+    if (backend == BACKEND_GENERIC) {
+        parallel_for(generic_task, &j, ntasks, nthreads);
+        return 0;
+    }
+#if defined(__x86_64__)
+    j.xp = aligned_alloc(64, (size_t)(M * j.kp));
+    j.xsum = malloc((size_t)M * sizeof(int32_t));
+    if (!j.xp || !j.xsum) {
+        free(j.xp);
+        free(j.xsum);
+        return -2;
+    }
+    parallel_for(prep_task, &j, M, M * K >= (1 << 16) ? nthreads : 1);
+    parallel_for(backend == BACKEND_AVX512 ? avx512_task : avx2_task, &j, ntasks, nthreads);
+    free(j.xp);
+    free(j.xsum);
+#endif
+    return 0;
+}
