@@ -5,8 +5,9 @@ weights, and serve with fast CPU kernels (`freeze`, `save`, `load`).
 """
 
 from .config import BitConfig, format_spec, parse_spec
-from .convert import LambdaWarmup, ptq, quantize, set_lambda, summary
-from .nn import BitLinear
+from .convert import LambdaWarmup, freeze, ptq, quantize, set_lambda, summary
+from .io import load, save
+from .nn import BitLinear, TernaryLinear
 
 __version__ = "0.1.0"
 
@@ -14,10 +15,14 @@ __all__ = [
     "BitConfig",
     "BitLinear",
     "LambdaWarmup",
+    "TernaryLinear",
     "format_spec",
+    "freeze",
+    "load",
     "parse_spec",
     "ptq",
     "quantize",
+    "save",
     "set_lambda",
     "summary",
 ]

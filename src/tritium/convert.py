@@ -229,3 +229,35 @@ def summary(model: nn.Module) -> Summary:
             out.kept_params += p.numel()
             out.total_bits += p.numel() * torch.finfo(p.dtype).bits if p.is_floating_point() else 0
     return out
+
+
+def freeze(model: nn.Module, strict: bool = True) -> nn.Module:
+    """Replace every ternary `BitLinear` of ``model`` by its packed inference form, in place, and return it.
+
+    Each `BitLinear` becomes a `TernaryLinear` holding packed 2-bit weights, float32 scale(s), bias and
+    norm setting, and no latent float weight. For float32 activations the frozen model's outputs equal the
+    eval-mode QAT model's outputs bit for bit; bf16/fp16 activations are computed in float32 inside each
+    frozen layer and rounded back, so they equal the float32 layer output rounded to that dtype (and
+    differ from a bf16/fp16 `BitLinear` forward by that forward's own rounding).
+
+    The kernels support ternary weights with a per-tensor or per-channel scale, 8-bit activations and
+    ``lambda_ = 1``. A `BitLinear` with another config raises ValueError naming the layer and its config;
+    with ``strict=False`` it stays a `BitLinear` instead (with a warning). A ``model`` that is itself a
+    `BitLinear` is not changed: the new `TernaryLinear` is returned.
+    """
+    from .nn import TernaryLinear
+
+    if isinstance(model, BitLinear):
+        return TernaryLinear.from_bitlinear(model, type(model).__name__)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, BitLinear):
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            try:
+                setattr(module, child_name, TernaryLinear.from_bitlinear(child, full))
+            except ValueError as e:
+                if strict:
+                    raise
+                warnings.warn(f"{e}; kept as BitLinear", stacklevel=2)
+    return model

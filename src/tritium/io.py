@@ -1,0 +1,656 @@
+"""Saving and loading frozen models (`save`, `load`) and the ``tritium info FILE`` command.
+
+File format (version 1): one safetensors file. Each `TernaryLinear` named ``L`` stores
+``L.weight_packed`` (uint8), ``L.weight_scale`` (float32, ``(1,)`` or ``(N,)``) and ``L.bias`` (float32,
+optional). With ``storage="2bit"`` the packed weight is the kernel layout ``(N, ceil(K / 4))``
+(4 weights per byte, codes 0 -> 0, 1 -> +1, 2 -> -1); with ``storage="base3"`` it is ``(ceil(N * K / 5),)``,
+5 row-major weights per byte as ``sum(code_i * 3^i)`` (1.6 bits per weight), repacked to 2 bits at load.
+Every other parameter and buffer (non-persistent buffers included) is stored as is under its qualified
+name; tied tensors are stored once. The safetensors metadata holds ``format`` ("tritium"),
+``format_version``, ``layers`` (JSON: per layer its kind, shape, norm, scale granularity, storage and
+`BitConfig`), ``aliases`` (JSON: tied name -> stored name) and, for transformers models, ``model_class``
+and ``model_config``.
+
+Loading never unpickles. Any malformed, truncated or hostile file raises `TritiumFormatError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .config import NORMS, BitConfig
+from .nn import BitLinear, TernaryLinear
+
+FORMAT = "tritium"
+FORMAT_VERSION = 1
+STORAGES = ("2bit", "base3")
+MAX_HEADER_BYTES = 100 * 2**20
+MAX_DIM = 2**31 - 1
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_POW3 = (1, 3, 9, 27, 81)
+
+PathLike = str | os.PathLike
+
+
+class TritiumFormatError(ValueError):
+    """A file is not a valid tritium model file (or does not fit the model it is loaded into)."""
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+
+def pack_base3(q: Tensor) -> Tensor:
+    """Ternary ``q`` (any shape, values in {-1, 0, 1}) -> uint8 ``(ceil(numel / 5),)``, 5 weights per byte."""
+    codes = torch.where(q < 0, 2, q).reshape(-1).to(torch.int16)
+    codes = torch.nn.functional.pad(codes, (0, (-codes.numel()) % 5)).reshape(-1, 5)
+    return (codes * torch.tensor(_POW3, dtype=torch.int16)).sum(1).to(torch.uint8)
+
+
+def unpack_base3(packed: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of `pack_base3` for ``n * k`` weights: int8 ``(n, k)``."""
+    b = packed.to(torch.int16).reshape(-1, 1)
+    codes = (b // torch.tensor(_POW3, dtype=torch.int16)) % 3
+    q = codes.reshape(-1)[: n * k].to(torch.int8)
+    return torch.where(q == 2, torch.tensor(-1, dtype=torch.int8), q).reshape(n, k)
+
+
+def _packed_shape(storage: str, n: int, k: int) -> tuple[int, ...]:
+    return (n, (k + 3) // 4) if storage == "2bit" else (-(-n * k // 5),)
+
+
+def _check_codes(name: str, storage: str, p: Tensor, n: int, k: int) -> None:
+    """Raise unless ``p`` holds only valid codes and zero padding."""
+    if storage == "2bit":
+        bad = torch.zeros((), dtype=torch.bool)
+        for shift in (0, 2, 4, 6):
+            bad |= ((p >> shift) & 3).eq(3).any()
+        if bad:
+            raise TritiumFormatError(f"{name}: packed weight holds the invalid code 3")
+        if k % 4 and (p[:, -1] >> (2 * (k % 4))).any():
+            raise TritiumFormatError(f"{name}: packed weight has non-zero padding")
+    else:
+        if p.ge(243).any():
+            raise TritiumFormatError(f"{name}: base-3 packed weight holds a byte >= 243")
+        pad = p.numel() * 5 - n * k
+        if pad and p[-1].item() // 3 ** (5 - pad):
+            raise TritiumFormatError(f"{name}: base-3 packed weight has non-zero padding")
+
+
+# ------------------------------------------------------------------------------------------------- save
+
+
+def _config_dict(cfg: BitConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["granularity"] = list(cfg.granularity) if isinstance(cfg.granularity, tuple) else cfg.granularity
+    return d
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    if isinstance(module, TernaryLinear):
+        return "ternary"
+    if isinstance(module, BitLinear):
+        return "bitlinear"
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return "linear"
+    return None
+
+
+def _collect(model: nn.Module, storage: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata to save."""
+    tensors: dict[str, Tensor] = {}
+    layers: dict[str, dict] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    storages: set[int] = set()
+
+    def put(key: str, t: Tensor) -> None:
+        if t.is_meta:
+            raise ValueError(f"cannot save {key!r}: it is on the meta device (never loaded)")
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages and t.numel():
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+
+    for mname, m in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        kind = _layer_kind(m)
+        if kind == "ternary":
+            n, k = m.out_features, m.in_features
+            layers[mname] = {
+                "kind": kind, "in_features": k, "out_features": n, "bias": m.bias is not None,
+                "norm": m.norm, "scale": "channel" if m.per_channel else "tensor", "storage": storage,
+            }
+            packed = m.weight_packed
+            if storage == "base3":
+                packed = pack_base3(kernels.unpack(packed.cpu(), n, k))
+            put(prefix + "weight_packed", packed)
+            put(prefix + "weight_scale", m.weight_scale.float())
+            if m.bias is not None:
+                put(prefix + "bias", m.bias.float())
+            continue
+        if kind == "bitlinear":
+            layers[mname] = {"kind": kind, "in_features": m.in_features, "out_features": m.out_features,
+                             "bias": m.bias is not None, "config": _config_dict(m.config)}
+        elif kind == "linear":
+            out_f, in_f = m.weight.shape if isinstance(m, nn.Linear) else m.weight.shape[::-1]
+            layers[mname] = {"kind": kind, "in_features": int(in_f), "out_features": int(out_f),
+                             "bias": m.bias is not None}
+        named = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+        for name, t in named:
+            if t is None:
+                continue
+            key = prefix + name
+            if id(t) in seen:
+                aliases[key] = seen[id(t)]
+                continue
+            seen[id(t)] = key
+            put(key, t)
+
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "layers": json.dumps(layers, sort_keys=True),
+        "aliases": json.dumps(aliases, sort_keys=True),
+    }
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        meta["model_class"] = type(model).__name__
+        meta["model_config"] = config.to_json_string(use_diff=False)
+    return tensors, meta
+
+
+def _atomic_write(path: Path, data: bytes, chunk: int = 1 << 24) -> None:
+    """Write ``data`` to ``path`` via a synced temporary file in the same directory and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            view = memoryview(data)
+            for i in range(0, len(view), chunk):
+                f.write(view[i: i + chunk])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save(model: nn.Module, path: PathLike, storage: str = "2bit") -> None:
+    """Save ``model`` (usually frozen with `tritium.freeze`) to one safetensors file, atomically.
+
+    Ternary layers are stored packed: ``storage="2bit"`` (the kernel layout, 2 bits per weight plus row
+    padding to a multiple of 4) or ``"base3"`` (1.6 bits per weight, repacked at load). All other
+    parameters and buffers are stored in their own dtype. The file is written to a temporary file in the
+    same directory, synced and renamed over ``path``, so an interrupted save leaves any old file intact.
+    """
+    if storage not in STORAGES:
+        raise ValueError(f"storage={storage!r} is not supported; choose one of {STORAGES}")
+    from safetensors.torch import save as st_save
+
+    tensors, meta = _collect(model, storage)
+    _atomic_write(Path(path), st_save(tensors, metadata=meta))
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class Header:
+    """The validated header of a tritium file: tensor dtypes/shapes, layers, aliases and metadata."""
+
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    layers: dict[str, dict]
+    aliases: dict[str, str]
+    metadata: dict[str, str]
+    file_size: int
+
+    @property
+    def version(self) -> int:
+        return int(self.metadata["format_version"])
+
+
+@dataclass
+class Checkpoint:
+    """What `load` returns without a model.
+
+    Attributes:
+        modules: the ternary layers as ready `TernaryLinear` modules, by qualified name.
+        tensors: every other stored tensor by qualified name (tied names map to the same tensor).
+        layers: the per-layer records of the file (kind, shape, norm, scale, storage, config).
+        model_class, model_config: the transformers class name and config dict, if the file has them.
+    """
+
+    modules: dict[str, TernaryLinear] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    layers: dict[str, dict] = field(default_factory=dict)
+    model_class: str | None = None
+    model_config: dict | None = None
+
+
+def _fail(path: PathLike, msg: str) -> TritiumFormatError:
+    return TritiumFormatError(f"{os.fspath(path)}: {msg}")
+
+
+def _json(path: PathLike, meta: dict, key: str) -> dict:
+    try:
+        value = json.loads(meta.get(key, "{}"))
+    except (ValueError, RecursionError) as e:
+        raise _fail(path, f"metadata {key!r} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise _fail(path, f"metadata {key!r} must be a JSON object")
+    return value
+
+
+def _int(path: PathLike, where: str, v: object, lo: int = 1, hi: int = MAX_DIM) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _fail(path, f"{where} = {v!r} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def read_header(path: PathLike) -> Header:
+    """Read and validate the header of a tritium file without reading its tensors."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _fail(path, "file is too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise _fail(path, f"header length {n} exceeds the file or the {MAX_HEADER_BYTES} limit")
+            raw = f.read(n)
+    except OSError as e:
+        raise TritiumFormatError(f"{os.fspath(path)}: cannot read ({e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    if meta.get("format") != FORMAT:
+        raise _fail(path, f"not a tritium file (metadata format={meta.get('format')!r})")
+    version = meta.get("format_version", "")
+    if not version.isdigit() or int(version) < 1:
+        raise _fail(path, f"bad format_version {version!r}")
+    if int(version) > FORMAT_VERSION:
+        raise _fail(path, f"format_version {version} is newer than this tritium reads ({FORMAT_VERSION}); "
+                          "upgrade tritium")
+    data_size = size - 8 - n
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise _fail(path, f"tensor {name!r}: entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise _fail(path, f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or len(shape) > 8:
+            raise _fail(path, f"tensor {name!r}: bad shape {shape!r}")
+        shape = tuple(_int(path, f"tensor {name!r} dimension", d, 0) for d in shape)
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise _fail(path, f"tensor {name!r}: bad data_offsets {offsets!r}")
+        a, b = (_int(path, f"tensor {name!r} offset", o, 0, data_size) for o in offsets)
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if b - a != nbytes:
+            raise _fail(path, f"tensor {name!r}: {b - a} bytes of data for shape {list(shape)} {dtype}")
+        spans.append((a, b))
+        tensors[name] = (dtype, shape)
+    spans.sort()
+    end = 0
+    for a, b in spans:
+        if a != end:
+            raise _fail(path, "tensor data overlaps or has gaps")
+        end = b
+    if end != data_size:
+        raise _fail(path, f"file has {data_size} bytes of tensor data, the header describes {end} "
+                          "(truncated or padded file)")
+    layers = _json(path, meta, "layers")
+    aliases = _json(path, meta, "aliases")
+    for name, rec in layers.items():
+        _check_layer(path, name, rec, tensors)
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or target not in tensors or alias in tensors:
+            raise _fail(path, f"alias {alias!r} -> {target!r} does not name a stored tensor")
+    return Header(tensors, layers, aliases, meta, size)
+
+
+def _check_layer(path: PathLike, name: str, rec: object, tensors: dict) -> None:
+    if not isinstance(rec, dict):
+        raise _fail(path, f"layer {name!r}: record is not an object")
+    kind = rec.get("kind")
+    if kind not in ("ternary", "bitlinear", "linear"):
+        raise _fail(path, f"layer {name!r}: unknown kind {kind!r}")
+    k = _int(path, f"layer {name!r} in_features", rec.get("in_features"))
+    n = _int(path, f"layer {name!r} out_features", rec.get("out_features"))
+    if not isinstance(rec.get("bias"), bool):
+        raise _fail(path, f"layer {name!r}: bias must be true or false")
+    if kind == "bitlinear":
+        try:
+            BitConfig(**rec.get("config", {}))
+        except (TypeError, ValueError) as e:
+            raise _fail(path, f"layer {name!r}: bad config ({e})") from None
+    if kind != "ternary":
+        return
+    if rec.get("norm") not in NORMS or rec.get("scale") not in ("tensor", "channel"):
+        raise _fail(path, f"layer {name!r}: bad norm {rec.get('norm')!r} or scale {rec.get('scale')!r}")
+    storage = rec.get("storage")
+    if storage not in STORAGES:
+        raise _fail(path, f"layer {name!r}: unknown storage {storage!r}")
+    expect = {
+        "weight_packed": ("U8", _packed_shape(storage, n, k)),
+        "weight_scale": ("F32", (n if rec["scale"] == "channel" else 1,)),
+    }
+    if rec["bias"]:
+        expect["bias"] = ("F32", (n,))
+    for t, want in expect.items():
+        key = f"{name}.{t}" if name else t
+        if key not in tensors:
+            raise _fail(path, f"layer {name!r}: tensor {key!r} is missing")
+        if tensors[key] != want:
+            raise _fail(path, f"layer {name!r}: tensor {key!r} is {tensors[key][0]} {list(tensors[key][1])}, "
+                              f"expected {want[0]} {list(want[1])}")
+
+
+def _ternary_module(path: PathLike, name: str, rec: dict, get) -> TernaryLinear:
+    n, k = rec["out_features"], rec["in_features"]
+    prefix = f"{name}." if name else ""
+    packed = get(prefix + "weight_packed")
+    _check_codes(f"{os.fspath(path)}: layer {name!r}", rec["storage"], packed, n, k)
+    if rec["storage"] == "base3":
+        packed = kernels.pack(unpack_base3(packed, n, k))
+    scale = get(prefix + "weight_scale")
+    if not (torch.isfinite(scale).all() and scale.gt(0).all()):
+        raise _fail(path, f"layer {name!r}: weight scale must be finite and positive")
+    m = TernaryLinear(k, n, rec["bias"], rec["norm"], rec["scale"] == "channel", device="meta")
+    m.weight_packed, m.weight_scale = packed.contiguous(), scale
+    if rec["bias"]:
+        m.bias = get(prefix + "bias")
+    return m
+
+
+def _open(path: PathLike):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(os.fspath(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise _fail(path, f"safetensors cannot open it ({e})") from None
+
+
+def load(path: PathLike, model: nn.Module | None = None) -> nn.Module | Checkpoint:
+    """Load a file written by `save`.
+
+    With ``model`` (a skeleton of the saved model's architecture, on any device, ``meta`` included):
+    every layer the file stores as ternary is replaced by a `TernaryLinear` (the skeleton may hold
+    `nn.Linear`, `BitLinear` or `TernaryLinear` there), layers stored as `BitLinear` become `BitLinear`,
+    and every other parameter and buffer is replaced by the stored tensor (keeping the file's dtype), so
+    no float weight is ever materialized for a ternary layer. Tied tensors are re-tied. Returns the model.
+    Raises `TritiumFormatError` if the file names a module or tensor the skeleton lacks, a shape
+    differs, or a parameter or buffer of the skeleton is not in the file.
+
+    Without ``model``: returns a `Checkpoint` with the frozen layers as modules, the other tensors,
+    the layer records and, if stored, the transformers class name and config (to build a skeleton from).
+    """
+    header = read_header(path)
+    with _open(path) as f:
+
+        def get(key: str) -> Tensor:
+            try:
+                return f.get_tensor(key)
+            except Exception as e:
+                raise _fail(path, f"cannot read tensor {key!r} ({e})") from None
+
+        owned = set()
+        modules: dict[str, TernaryLinear] = {}
+        for name, rec in header.layers.items():
+            if rec["kind"] == "ternary":
+                modules[name] = _ternary_module(path, name, rec, get)
+                prefix = f"{name}." if name else ""
+                owned.update(prefix + t for t in ("weight_packed", "weight_scale", "bias"))
+        tensors = {k: get(k) for k in header.tensors if k not in owned}
+    tensors.update({alias: tensors[target] for alias, target in header.aliases.items()})
+    if model is None:
+        cfg = header.metadata.get("model_config")
+        try:
+            model_config = json.loads(cfg) if cfg else None
+        except ValueError:
+            raise _fail(path, "metadata 'model_config' is not valid JSON") from None
+        return Checkpoint(modules, tensors, header.layers, header.metadata.get("model_class"), model_config)
+    return _into(path, model, header, modules, tensors)
+
+
+def _resolve(path: PathLike, model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, module) of the submodule ``name``."""
+    parent_name, _, attr = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+        child = parent.get_submodule(attr)
+    except AttributeError:
+        raise _fail(path, f"the model has no module {name!r}") from None
+    return parent, attr, child
+
+
+def _check_linear(path: PathLike, name: str, child: nn.Module, rec: dict) -> None:
+    if isinstance(child, TernaryLinear):
+        shape = (child.out_features, child.in_features)
+    elif isinstance(child, nn.Linear):
+        shape = tuple(child.weight.shape)
+    elif type(child).__name__ == "Conv1D":
+        shape = tuple(child.weight.shape)[::-1]
+    else:
+        raise _fail(path, f"module {name!r} is a {type(child).__name__}, the file stores a linear layer")
+    if shape != (rec["out_features"], rec["in_features"]):
+        raise _fail(path, f"module {name!r} has shape {shape}, the file stores "
+                          f"({rec['out_features']}, {rec['in_features']})")
+
+
+def _into(path: PathLike, model: nn.Module, header: Header, modules: dict, tensors: dict) -> nn.Module:
+    for name, rec in header.layers.items():
+        if rec["kind"] == "linear":
+            continue
+        if not name:
+            raise _fail(path, "a file whose root module is a single layer loads without a model")
+        parent, attr, child = _resolve(path, model, name)
+        _check_linear(path, name, child, rec)
+        if rec["kind"] == "ternary":
+            setattr(parent, attr, modules[name])
+        elif not isinstance(child, BitLinear) or child.config != BitConfig(**rec["config"]):
+            new = BitLinear(rec["in_features"], rec["out_features"], rec["bias"],
+                            BitConfig(**rec["config"]), device="meta")
+            setattr(parent, attr, new)
+    params: dict[int, nn.Parameter] = {}
+    for key, t in tensors.items():
+        mod_name, _, attr = key.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError:
+            raise _fail(path, f"the model has no module {mod_name!r} for tensor {key!r}") from None
+        if attr in mod._parameters and mod._parameters[attr] is not None:
+            old = mod._parameters[attr]
+        elif attr in mod._buffers and mod._buffers[attr] is not None:
+            old = mod._buffers[attr]
+        else:
+            raise _fail(path, f"tensor {key!r} is not a parameter or buffer of the model")
+        if tuple(old.shape) != tuple(t.shape):
+            raise _fail(path, f"tensor {key!r} has shape {list(t.shape)}, the model has {list(old.shape)}")
+        if attr in mod._parameters:
+            if id(t) not in params:
+                params[id(t)] = nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point())
+            mod._parameters[attr] = params[id(t)]
+        else:
+            mod._buffers[attr] = t
+    stored = set(tensors)
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, TernaryLinear) and name in modules:
+            continue
+        prefix = f"{name}." if name else ""
+        named = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+        missing = [prefix + k for k, t in named if t is not None and prefix + k not in stored]
+        if missing:
+            raise _fail(path, f"the file has no tensor for {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- info
+
+#: Energy per operation at 45 nm, in pJ (Horowitz, "Computing's energy problem", ISSCC 2014).
+ENERGY_PJ = {
+    "int8_add": 0.03, "int8_mult": 0.2, "int32_add": 0.1, "int32_mult": 3.1,
+    "fp16_add": 0.4, "fp16_mult": 1.1, "fp32_add": 0.9, "fp32_mult": 3.7,
+}
+ENERGY_SOURCE = "M. Horowitz, \"Computing's energy problem (and what we can do about it)\", ISSCC 2014, 45 nm"
+
+
+def describe(path: PathLike) -> dict:
+    """Per-layer sizes, totals, arithmetic per token and its energy estimate for a tritium file."""
+    h = read_header(path)
+    rows, owned = [], set()
+    for name, rec in sorted(h.layers.items()):
+        if rec["kind"] != "ternary":
+            continue
+        n, k = rec["out_features"], rec["in_features"]
+        prefix = f"{name}." if name else ""
+        keys = [prefix + t for t in ("weight_packed", "weight_scale", "bias") if prefix + t in h.tensors]
+        owned.update(keys)
+        weight_bytes = math.prod(h.tensors[prefix + "weight_packed"][1])
+        total = sum(math.prod(h.tensors[key][1]) * _DTYPES[h.tensors[key][0]].itemsize for key in keys)
+        rows.append({"name": name, "shape": [n, k], "format": f"ternary-{rec['storage']}", "bytes": total,
+                     "bits_per_weight": 8 * weight_bytes / (n * k)})
+    for key, (dtype, shape) in sorted(h.tensors.items()):
+        if key in owned:
+            continue
+        size = _DTYPES[dtype].itemsize
+        rows.append({"name": key, "shape": list(shape), "format": dtype.lower(),
+                     "bytes": math.prod(shape) * size, "bits_per_weight": 8.0 * size})
+    ternary_weights = sum(r["shape"][0] * r["shape"][1] for r in rows if r["format"].startswith("ternary"))
+    ternary_bytes = sum(r["bytes"] for r in rows if r["format"].startswith("ternary"))
+    fp_params = sum(math.prod(r["shape"]) for r in rows if not r["format"].startswith("ternary"))
+    fp_bytes = sum(r["bytes"] for r in rows if not r["format"].startswith("ternary"))
+
+    # Arithmetic per input token of the linear layers (attention scores, norms, activations not counted).
+    ops = {"ternary_adds": 0, "rescale_mults": 0, "act_quant_mults": 0, "bias_adds": 0,
+           "fp_linear_mults": 0, "fp_linear_adds": 0}
+    dense_macs = 0  # multiply-adds of the same layers at full precision
+    for rec in h.layers.values():
+        n, k, bias = rec["out_features"], rec["in_features"], rec["bias"]
+        dense_macs += n * k
+        if rec["kind"] == "ternary":
+            ops["ternary_adds"] += n * k
+            ops["rescale_mults"] += 2 * n  # acc * (s_x * s_w)
+            ops["act_quant_mults"] += k  # x / s_x
+            ops["bias_adds"] += n if bias else 0
+        else:
+            ops["fp_linear_mults"] += n * k
+            ops["fp_linear_adds"] += n * k + (n if bias else 0)
+    bias_total = sum(r["out_features"] for r in h.layers.values() if r["bias"])
+    e = ENERGY_PJ
+    fp_rest = ops["fp_linear_mults"] * e["fp32_mult"] + ops["fp_linear_adds"] * e["fp32_add"]
+    scalar = ((ops["rescale_mults"] + ops["act_quant_mults"]) * e["fp32_mult"]
+              + ops["bias_adds"] * e["fp32_add"])
+    energy = {
+        "ternary_int8_adds": ops["ternary_adds"] * e["int8_add"] + scalar + fp_rest,
+        "ternary_int32_adds": ops["ternary_adds"] * e["int32_add"] + scalar + fp_rest,
+        "fp32": dense_macs * (e["fp32_mult"] + e["fp32_add"]) + bias_total * e["fp32_add"],
+        "fp16": dense_macs * (e["fp16_mult"] + e["fp16_add"]) + bias_total * e["fp16_add"],
+    }
+    return {
+        "file": os.fspath(path), "file_bytes": h.file_size, "format_version": h.version,
+        "model_class": h.metadata.get("model_class"), "layers": rows,
+        "totals": {"ternary_weights": ternary_weights, "ternary_bytes": ternary_bytes,
+                   "ternary_bits_per_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0,
+                   "fp_params": fp_params, "fp_bytes": fp_bytes},
+        "ops_per_token": ops, "energy_pj_per_token": energy,
+        "energy_figures_pj": dict(e), "energy_source": ENERGY_SOURCE,
+    }
+
+
+def _fmt_count(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:g}"
+
+
+def format_info(d: dict) -> str:
+    """The human-readable table of `describe`."""
+    out = [f"{d['file']}: tritium format v{d['format_version']}, {d['file_bytes']:,} bytes"
+           + (f", {d['model_class']}" if d["model_class"] else "")]
+    out.append(f"{'name':<48} {'shape':>16} {'format':<14} {'bytes':>13} {'bits/w':>7}")
+    for r in d["layers"]:
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        out.append(f"{r['name'][-48:]:<48} {shape:>16} {r['format']:<14} {r['bytes']:>13,} "
+                   f"{r['bits_per_weight']:>7.2f}")
+    t = d["totals"]
+    out.append(f"ternary: {t['ternary_weights']:,} weights in {t['ternary_bytes']:,} bytes "
+               f"({t['ternary_bits_per_weight']:.3f} bits/weight incl. scales and bias); "
+               f"full precision: {t['fp_params']:,} values in {t['fp_bytes']:,} bytes")
+    o, en = d["ops_per_token"], d["energy_pj_per_token"]
+    out.append("arithmetic per token (linear layers only; attention, norms and activations not counted):")
+    out.append(f"  ternary layers: {_fmt_count(o['ternary_adds'])} integer adds, 0 weight multiplies; "
+               f"{_fmt_count(o['rescale_mults'])} fp32 rescale multiplies, "
+               f"{_fmt_count(o['act_quant_mults'])} fp32 activation-quantization divides, "
+               f"{_fmt_count(o['bias_adds'])} fp32 bias adds")
+    out.append(f"  full-precision linear layers: {_fmt_count(o['fp_linear_mults'])} fp32 multiplies, "
+               f"{_fmt_count(o['fp_linear_adds'])} fp32 adds")
+    fig = ", ".join(f"{k} {v} pJ" for k, v in d["energy_figures_pj"].items())
+    out.append(f"energy of that arithmetic per token ({fig}; {d['energy_source']}):")
+    fp32 = en["fp32"]
+    labels = (("frozen, int8 adds", "ternary_int8_adds"), ("frozen, int32 adds", "ternary_int32_adds"),
+              ("fp32 model", "fp32"), ("fp16 model", "fp16"))
+    for label, key in labels:
+        ratio = f"  ({fp32 / en[key]:.1f}x less than fp32)" if key.startswith("ternary") and en[key] else ""
+        out.append(f"  {label:<20} {en[key] / 1e6:>10.3f} uJ{ratio}")
+    return "\n".join(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a file written by tritium.save")
+    parser.add_argument("--json", metavar="PATH", help="also write the description as JSON to PATH")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        d = describe(args.file)
+    except TritiumFormatError as e:
+        print(f"error: {e}")
+        return 1
+    print(format_info(d))
+    if args.json:
+        Path(args.json).write_text(json.dumps(d, indent=2) + "\n")
+    return 0
