@@ -160,6 +160,16 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes on this machine (re-runs this command under torchrun)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP under torchrun")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per step; the batch size stays the global batch, split over "
+                             "processes x accumulation steps")
+    parser.add_argument("--ckpt-every", type=int, default=0,
+                        help="checkpoint every N steps into DIR/runs/<key>/ckpt (0: only on SIGTERM/SIGINT)")
+    parser.add_argument("--keep-ckpts", type=int, default=2, help="checkpoints kept per run (0: all)")
+    parser.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,11 +217,37 @@ def precisions(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the task's grid into ``args.out``, skipping finished runs, then write the report."""
+    """Run the task's grid into ``args.out``, skipping finished runs, then write the report.
+
+    Returns 0, or 2 with a message when the task is unavailable or a file (e.g. a dataset) is missing.
+    """
     if getattr(args, "unavailable", None):
         print(args.unavailable, file=sys.stderr)
         return 2
+    try:
+        return _run(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if getattr(args, "download", False):
+            print("tritium downloads nothing: fetch the files from the source named above into the data "
+                  "root (--data-dir or $TRITIUM_DATA).", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        distributed.launch(args.nproc)
     task = load_task(args.task)
+    distributed.init()
+    try:
+        return _run_task(args, task)
+    finally:
+        distributed.teardown()
+
+
+def _run_task(args: argparse.Namespace, task: ModuleType) -> int:
     protocol = apply_protocol(args)
     args.precision = ",".join(precisions(args))
     if args.threads:

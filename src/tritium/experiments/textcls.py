@@ -39,6 +39,31 @@ def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
             for d in datasets for s in range(args.seeds) for p in precisions(args)]
 
 
+def use_row_grads(model) -> bool:
+    """Give a WideMLP's EmbeddingBag sparse gradients that accumulate into a persistent dense gradient.
+
+    With `zero_grad` this yields exactly the dense gradient each step, while backward and zeroing only
+    touch the rows of the batch. Returns False (and changes nothing) for other input layers.
+    """
+    import torch
+
+    if not isinstance(model.embed, torch.nn.EmbeddingBag):
+        return False
+    model.embed.sparse = True
+    model.embed.weight.grad = torch.zeros_like(model.embed.weight)
+    return True
+
+
+def zero_grad(model, last_rows=None) -> None:
+    """Clear gradients: the embedding's persistent gradient only in ``last_rows``, others entirely."""
+    emb = getattr(model.embed, "weight", None)
+    for p in model.parameters():
+        if p is not emb or not getattr(model.embed, "sparse", False):
+            p.grad = None
+    if getattr(model.embed, "sparse", False) and last_rows is not None:
+        emb.grad.index_fill_(0, last_rows, 0.0)
+
+
 def _accuracy(model, split, batch_size: int = 1024) -> float:
     import torch
 
@@ -67,10 +92,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     model = WideMLP(len(ds.vocab), len(ds.classes), cfg["hidden"], cfg["dropout"], cfg["input_layer"])
     train_spec, ptq_spec = split_precision(cfg["precision"])
     tritium.quantize(model, train_spec)
-    sparse = isinstance(model.embed, torch.nn.EmbeddingBag)
-    if sparse:
-        model.embed.sparse = True
-        model.embed.weight.grad = torch.zeros_like(model.embed.weight)
+    sparse = use_row_grads(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     steps_per_epoch = math.ceil(len(ds.train) / cfg["batch_size"])
     total = cfg["epochs"] * steps_per_epoch
@@ -86,11 +108,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
             index = perm[i: i + cfg["batch_size"]]
             ids, offsets = ds.train.batch(index)
             loss = F.cross_entropy(model(ids, offsets), ds.train.labels[index])
-            for p in model.parameters():
-                if p is not model.embed.weight or not sparse:
-                    p.grad = None
-            if sparse and last_rows is not None:
-                model.embed.weight.grad.index_fill_(0, last_rows, 0.0)
+            zero_grad(model, last_rows)
             loss.backward()
             opt.step()
             sched.step()

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from tritium.cli import main
+from tritium.experiments import report, runner, xor
+
+XOR = ["run", "xor", "--set", "epochs=20", "--seeds", "2", "--precision", "fp32,1.58-absmean", "--no-progress"]
+
+
+def rows_of(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_xor_grid_runs_reports_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert main([*XOR, "--out", str(out)]) == 0
+    rows = rows_of(out)
+    assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
+    assert {(r["precision"], r["seed"]) for r in rows} == {(p, s) for p in ("fp32", "1.58-absmean") for s in (0, 1)}
+    r = rows[0]
+    for k in ("test_acc", "best_val_acc", "last_val_acc", "wall_s", "bits_per_weight", "quantized_params",
+              "epochs", "lr", "curves"):
+        assert k in r
+    md = (out / "results.md").read_text()
+    assert "## xor" in md and "| 1.58-absmean |" in md and "first-layer weights" in md
+    assert (out / "xor_test_acc.png").is_file() and (out / "xor_curves.png").is_file()
+
+    def no_training(cfg, args):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(xor, "run_one", no_training)
+    assert main([*XOR, "--out", str(out)]) == 0
+    assert len(rows_of(out)) == 4
+
+
+def test_torn_last_line_is_ignored_and_cut_before_appending(tmp_path):
+    out = tmp_path / "out"
+    assert main([*XOR, "--seeds", "1", "--precision", "fp32", "--out", str(out)]) == 0
+    path = out / "results.jsonl"
+    good = path.read_text()
+    path.write_text(good + '{"key": "abc", "task": "xor", "test_')
+    assert len(runner.read_rows(path)) == 1
+    assert main([*XOR, "--seeds", "2", "--precision", "fp32", "--out", str(out)]) == 0
+    rows = rows_of(out)  # every line parses: the torn fragment is gone
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert path.read_text().startswith(good)
+
+
+def test_missing_dataset_gives_clear_error(tmp_path, capsys):
+    rc = main(["run", "mlp", "--dataset", "nope", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "text_gcn/data/corpus/nope.txt" in err
+
+
+def test_mlp_task_end_to_end_on_tiny_data(tmp_path):
+    from test_data import write_text_gcn
+
+    write_text_gcn(tmp_path)
+    out = tmp_path / "o"
+    args = ["run", "mlp", "--dataset", "tiny", "--data-dir", str(tmp_path), "--out", str(out), "--no-progress",
+            "--precision", "fp32,ptq-1.58-absmedian,4-absmax", "--set", "epochs=2", "--set", "hidden=8",
+            "--set", "val_fraction=0.2", "--set", "min_count=1"]
+    assert main(args) == 0
+    rows = rows_of(out)
+    assert [r["precision"] for r in rows] == ["fp32", "ptq-1.58-absmedian", "4-absmax"]
+    assert [r["layers_converted"] for r in rows] == [0, 1, 1]
+    assert all(0 <= r["test_acc"] <= 1 for r in rows)
+    assert (out / "mlp_test_acc_vs_bits.png").is_file()
+
+
+def test_bad_precision_and_protocol(tmp_path):
+    with pytest.raises(ValueError, match="bad precision spec"):
+        main(["run", "xor", "--precision", "3-absmax", "--out", str(tmp_path)])
+    assert main(["run", "xor", "--protocol", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_run_key_is_order_independent():
+    assert runner.run_key({"a": 1, "b": [1, 2]}) == runner.run_key({"b": [1, 2], "a": 1})
+    assert runner.run_key({"a": 1}) != runner.run_key({"a": 2})
+
+
+def test_split_precision_and_bits():
+    assert runner.split_precision("ptq-1.58-absmedian") == ("fp32", "1.58-absmedian")
+    assert runner.split_precision("4-absmax") == ("4-absmax", None)
+    assert [runner.nominal_bits(p) for p in ("fp32", "1.58-absmean", "ptq-2-absmax", "8-absmax")] == [32, 1.58, 2, 8]
+
+
+def test_summary_table_and_plots(tmp_path):
+    rows = [{"task": "t", "dataset": d, "precision": p, "seed": s, "test_acc": a + s / 100}
+            for d, a0 in (("A", 0.8), ("B", 0.6)) for p, a in (("fp32", a0), ("2-absmax", a0 - 0.1),
+                                                              ("1.58-absmean", a0 - 0.05)) for s in (0, 2)]
+    table = report.summary_table(rows, ("dataset",), "test_acc")
+    lines = table.splitlines()
+    assert lines[0] == "| precision | A | B | avg |"
+    assert lines[2] == "| fp32 | 81.00 ± 1.41 | 61.00 ± 1.41 | 71.00 |"
+    assert lines[3].startswith("| 2-absmax |") and lines[4].startswith("| 1.58-absmean |")
+    assert report.plot_vs_bits(rows, ("dataset",), "test_acc", tmp_path / "b.png").is_file()
+    assert report.plot_bars(rows, ("dataset",), "test_acc", tmp_path / "a.png").is_file()
