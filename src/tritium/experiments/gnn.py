@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True
 GROUP_BY = ("arch", "dataset")
+#: Test accuracy (%) of Nielsen et al. (2024), mean over 10 seeds.
+PAPER = {
+    ("sgc", "fp32"): {"Cora": 77.07, "CiteSeer": 63.66, "PubMed": 75.63},
+    ("sgc", "1.58-absmean"): {"Cora": 77.31, "CiteSeer": 59.31, "PubMed": 75.22},
+    ("sgc", "1.58-absmedian"): {"Cora": 77.46, "CiteSeer": 61.31, "PubMed": 74.42},
+    ("gcn", "fp32"): {"Cora": 78.57, "CiteSeer": 63.76, "PubMed": 76.02},
+    ("gcn", "1.58-absmean"): {"Cora": 76.03, "CiteSeer": 65.83, "PubMed": 73.51},
+    ("gcn", "1.58-absmedian"): {"Cora": 75.76, "CiteSeer": 65.60, "PubMed": 73.23},
+}
 HYPER = ("epochs", "lr", "weight_decay", "hidden", "dropout", "k")
 
 
@@ -84,3 +94,14 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     return {"test_acc": test_acc, "last_val_acc": val_acc, "best_val_acc": best_val,
             "test_acc_at_best_val": test_at_best, "final_train_loss": curves["train_loss"][-1],
             "curves": curves, **tritium.summary(model).as_dict()}
+
+
+def report(rows: list[dict], out: Path) -> str:
+    """Test accuracy against the paper, and test accuracy at the epoch of best validation accuracy."""
+    from .report import paper_comparison, summary_table
+
+    published = {(a, d, p): v for (a, p), per in PAPER.items() for d, v in per.items()}
+    return "\n".join(["### GNN: test accuracy against the paper", "",
+                      paper_comparison(rows, GROUP_BY, METRIC, published),
+                      "### GNN: test accuracy at the epoch of best validation accuracy", "",
+                      summary_table(rows, GROUP_BY, "test_acc_at_best_val")])

@@ -1,7 +1,7 @@
 """Summary tables and plots from result rows (dicts as in results.jsonl), reusable by task reports.
 
 Rows are grouped by ``group_by`` axes plus "precision"; cells show mean ± sample sd over seeds.
-Metrics whose name ends in "acc" are fractions and are shown in percent.
+Metrics with an "acc" word in their name (test_acc, test_acc_at_best_val) are fractions, shown in percent.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from .runner import nominal_bits
 
 
 def scale(metric: str) -> float:
-    """Display factor of a metric: 100 for accuracies, 1 otherwise."""
-    return 100.0 if metric.endswith("acc") else 1.0
+    """Display factor of a metric: 100 for accuracies (an "acc" word in the name), 1 otherwise."""
+    return 100.0 if "acc" in metric.split("_") else 1.0
 
 
 def precision_order(p: str) -> tuple:
@@ -76,6 +76,22 @@ def summary_table(rows: list[dict], group_by: tuple[str, ...], metric: str) -> s
     note = f"{metric}{' (%)' if k == 100 else ''}, mean ± sd over "
     note += f"{counts.pop()} seed(s)" if len(counts) == 1 else "n seeds"
     return "\n".join(lines) + f"\n\n{note}.\n"
+
+
+def paper_comparison(rows: list[dict], group_by: tuple[str, ...], metric: str,
+                     published: dict[tuple, float]) -> str:
+    """Markdown table of our mean ``metric`` next to published values (keyed like `groups`:
+    ``(*group values, precision)``, in display units), for the cells we ran."""
+    g = groups(rows, group_by, metric)
+    k = scale(metric)
+    lines = ["| " + " | ".join([*group_by, "precision", "ours", "published", "ours - published"]) + " |",
+             "|" + "---|" * (len(group_by) + 1) + "---:|" * 3]
+    for key in sorted(g, key=lambda t: (tuple(str(x) for x in t[:-1]), precision_order(t[-1]))):
+        if key in published:
+            m, s = mean_sd(g[key])
+            lines.append("| " + " | ".join([*(str(x) for x in key), f"{m * k:.2f} ± {s * k:.2f} (n={len(g[key])})",
+                                            f"{published[key]:.2f}", f"{m * k - published[key]:+.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _plt():
