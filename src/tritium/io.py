@@ -3,8 +3,8 @@
 File format (version 1): one safetensors file. Each `TernaryLinear` named ``L`` stores
 ``L.weight_packed`` (uint8), ``L.weight_scale`` (float32, ``(1,)`` or ``(N,)``) and ``L.bias`` (float32,
 optional). With ``storage="2bit"`` the packed weight is the kernel layout ``(N, ceil(K / 4))``
-(4 weights per byte, codes 0 -> 0, 1 -> +1, 2 -> -1); with ``storage="base3"`` it is ``(ceil(N * K / 5),)``,
-5 row-major weights per byte as ``sum(code_i * 3^i)`` (1.6 bits per weight), repacked to 2 bits at load.
+(4 weights per byte, `pack_2bit`); with ``storage="base3"`` it is ``(ceil(N * K / 5),)``, 5 weights
+per byte (`pack_base3`, 1.6 bits per weight). Both are converted to the kernels' layout at load.
 Every other parameter and buffer (non-persistent buffers included) is stored as is under its qualified
 name; tied tensors are stored once. The safetensors metadata holds ``format`` ("tritium"),
 ``format_version``, ``layers`` (JSON: per layer its kind, shape, norm, scale granularity, storage and
@@ -56,41 +56,44 @@ class TritiumFormatError(ValueError):
 # ----------------------------------------------------------------------------------------------- packing
 
 
+def pack_2bit(q: Tensor) -> Tensor:
+    """Ternary int ``(N, K)`` -> uint8 ``(N, ceil(K / 4))``: weight ``k`` at bits ``2 * (k % 4)`` of byte
+    ``k // 4``, coded ``w + 1``; unused fields of a row's last byte hold code 1."""
+    n, k = q.shape
+    codes = torch.nn.functional.pad((q.to(torch.int8) + 1).to(torch.uint8), (0, (-k) % 4), value=1)
+    codes = codes.reshape(n, -1, 4)
+    return codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+
+
 def pack_base3(q: Tensor) -> Tensor:
-    """Ternary ``q`` (any shape, values in {-1, 0, 1}) -> uint8 ``(ceil(numel / 5),)``, 5 weights per byte."""
-    codes = torch.where(q < 0, 2, q).reshape(-1).to(torch.int16)
-    codes = torch.nn.functional.pad(codes, (0, (-codes.numel()) % 5)).reshape(-1, 5)
+    """Ternary ``q`` (any shape) -> uint8 ``(ceil(numel / 5),)``: 5 row-major weights per byte as
+    ``sum((w_i + 1) * 3^i)``, zero weights as padding."""
+    codes = (q.reshape(-1).to(torch.int16) + 1)
+    codes = torch.nn.functional.pad(codes, (0, (-codes.numel()) % 5), value=1).reshape(-1, 5)
     return (codes * torch.tensor(_POW3, dtype=torch.int16)).sum(1).to(torch.uint8)
 
 
-def unpack_base3(packed: Tensor, n: int, k: int) -> Tensor:
-    """Inverse of `pack_base3` for ``n * k`` weights: int8 ``(n, k)``."""
-    b = packed.to(torch.int16).reshape(-1, 1)
-    codes = (b // torch.tensor(_POW3, dtype=torch.int16)) % 3
-    q = codes.reshape(-1)[: n * k].to(torch.int8)
-    return torch.where(q == 2, torch.tensor(-1, dtype=torch.int8), q).reshape(n, k)
+def unpack_stored(name: str, storage: str, p: Tensor, n: int, k: int) -> Tensor:
+    """The int8 ``(n, k)`` ternary weight of a stored packed tensor; raises on invalid codes or padding."""
+    if storage == "2bit":
+        codes = (p.reshape(n, -1, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3
+        codes = codes.reshape(n, -1)
+    else:
+        if p.ge(243).any():
+            raise TritiumFormatError(f"{name}: base-3 packed weight holds a byte >= 243")
+        codes = (p.to(torch.int16).reshape(-1, 1) // torch.tensor(_POW3, dtype=torch.int16)) % 3
+        codes = codes.reshape(-1)
+    if codes.eq(3).any():
+        raise TritiumFormatError(f"{name}: packed weight holds the invalid code 3")
+    pad = codes[:, k:] if storage == "2bit" else codes[n * k:]
+    if pad.ne(1).any():
+        raise TritiumFormatError(f"{name}: packed weight has invalid padding")
+    q = (codes[:, :k] if storage == "2bit" else codes[: n * k]).to(torch.int8) - 1
+    return q.reshape(n, k)
 
 
 def _packed_shape(storage: str, n: int, k: int) -> tuple[int, ...]:
     return (n, (k + 3) // 4) if storage == "2bit" else (-(-n * k // 5),)
-
-
-def _check_codes(name: str, storage: str, p: Tensor, n: int, k: int) -> None:
-    """Raise unless ``p`` holds only valid codes and zero padding."""
-    if storage == "2bit":
-        bad = torch.zeros((), dtype=torch.bool)
-        for shift in (0, 2, 4, 6):
-            bad |= ((p >> shift) & 3).eq(3).any()
-        if bad:
-            raise TritiumFormatError(f"{name}: packed weight holds the invalid code 3")
-        if k % 4 and (p[:, -1] >> (2 * (k % 4))).any():
-            raise TritiumFormatError(f"{name}: packed weight has non-zero padding")
-    else:
-        if p.ge(243).any():
-            raise TritiumFormatError(f"{name}: base-3 packed weight holds a byte >= 243")
-        pad = p.numel() * 5 - n * k
-        if pad and p[-1].item() // 3 ** (5 - pad):
-            raise TritiumFormatError(f"{name}: base-3 packed weight has non-zero padding")
 
 
 # ------------------------------------------------------------------------------------------------- save
@@ -139,10 +142,8 @@ def _collect(model: nn.Module, storage: str) -> tuple[dict[str, Tensor], dict[st
                 "kind": kind, "in_features": k, "out_features": n, "bias": m.bias is not None,
                 "norm": m.norm, "scale": "channel" if m.per_channel else "tensor", "storage": storage,
             }
-            packed = m.weight_packed
-            if storage == "base3":
-                packed = pack_base3(kernels.unpack(packed.cpu(), n, k))
-            put(prefix + "weight_packed", packed)
+            q = kernels.unpack(m.weight_packed.cpu(), n, k)
+            put(prefix + "weight_packed", pack_2bit(q) if storage == "2bit" else pack_base3(q))
             put(prefix + "weight_scale", m.weight_scale.float())
             if m.bias is not None:
                 put(prefix + "bias", m.bias.float())
@@ -389,10 +390,8 @@ def _check_layer(path: PathLike, name: str, rec: object, tensors: dict) -> None:
 def _ternary_module(path: PathLike, name: str, rec: dict, get) -> TernaryLinear:
     n, k = rec["out_features"], rec["in_features"]
     prefix = f"{name}." if name else ""
-    packed = get(prefix + "weight_packed")
-    _check_codes(f"{os.fspath(path)}: layer {name!r}", rec["storage"], packed, n, k)
-    if rec["storage"] == "base3":
-        packed = kernels.pack(unpack_base3(packed, n, k))
+    q = unpack_stored(f"{os.fspath(path)}: layer {name!r}", rec["storage"], get(prefix + "weight_packed"), n, k)
+    packed = kernels.pack(q)
     scale = get(prefix + "weight_scale")
     if not (torch.isfinite(scale).all() and scale.gt(0).all()):
         raise _fail(path, f"layer {name!r}: weight scale must be finite and positive")
