@@ -20,8 +20,12 @@ import time
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpointer
 
 METRIC = "val_loss"
 HIGHER_IS_BETTER = False
@@ -140,16 +144,27 @@ def train(
     dtype: torch.dtype | None = None,
     warmup_lambda: int = 0,
     progress: bool = True,
+    accum: int = 1,
+    ckpt: Checkpointer | None = None,
+    losses: list[float] | None = None,
 ) -> dict[str, list]:
     """Train ``model`` for ``steps`` AdamW steps on ``get_batch(step)``; return the loss curves.
 
     Losses on each of ``eval_sets`` (name -> fixed batches) are recorded every ``eval_every`` steps and
     at the end as ``curves[name + "_loss"]``. ``dtype`` is an autocast dtype (bf16) or None (fp32);
     ``warmup_lambda`` blends quantized layers in from full precision over that many steps.
+
+    ``get_batch(step)`` is the global batch; under torch.distributed (``model`` wrapped by
+    `distributed.wrap`) each rank trains on its slice, in ``accum`` micro-batches. ``ckpt`` saves and
+    resumes checkpoints; SIGTERM/SIGINT then write one at the next step boundary and exit with
+    ``128 + signal``. ``losses`` receives the training loss of every step (mean over the global batch).
     """
     from tqdm.auto import tqdm
 
     import tritium
+
+    from . import distributed
+    from .checkpoint import StopSignal
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -157,27 +172,56 @@ def train(
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     blend = tritium.LambdaWarmup(model, warmup_lambda) if warmup_lambda else None
     curves: dict[str, list] = {"step": []}
-    model.train()
-    bar = tqdm(range(steps + 1), disable=not progress, leave=False)
-    for step in bar:
-        if eval_sets and (step % eval_every == 0 or step == steps):
-            curves["step"].append(step)
-            for name, batches in eval_sets.items():
-                curves.setdefault(f"{name}_loss", []).append(evaluate(model, batches, dtype))
-            bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in curves.items() if k.endswith("_loss")})
-        if step == steps:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup, min_lr_ratio)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = model(**get_batch(step)).loss
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    losses = [] if losses is None else losses
+    start = 0
+    meta = ckpt.restore(model, opt) if ckpt is not None else None
+    if meta is not None:
+        start, curves, losses[:] = meta["step"], meta["curves"], meta["losses"]
         if blend is not None:
-            blend.step()
+            blend.load_state_dict(meta["lambda"])
+    device_type = next(model.parameters()).device.type
+    model.train()
+    bar = tqdm(range(start, steps + 1), disable=not progress, leave=False)
+    with StopSignal(enabled=ckpt is not None) as stop:
+        for step in bar:
+            if eval_sets and (step % eval_every == 0 or step == steps):
+                curves["step"].append(step)
+                for name, batches in eval_sets.items():
+                    curves.setdefault(f"{name}_loss", []).append(evaluate(model, batches, dtype))
+                bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in curves.items() if k.endswith("_loss")})
+            if step == steps:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup, min_lr_ratio)
+            batch = get_batch(step)
+            micro = distributed.shard(batch, accum)
+            total = torch.zeros(())
+            for i, b in enumerate(micro):
+                with distributed.grad_sync(model, i == len(micro) - 1), \
+                        torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+                    loss = model(**b).loss / len(micro)
+                loss.backward()
+                total += loss.detach().float().cpu()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if blend is not None:
+                blend.step()
+            losses.append(distributed.mean(total).item())
+            if ckpt is None:
+                continue
+            stopping = distributed.any_rank(stop.signum is not None)
+            if ckpt.due(step + 1) or stopping:
+                ckpt.save(step + 1, model, opt, {
+                    "curves": curves, "losses": losses, "lambda": blend.state_dict() if blend else None,
+                    "data": {"next_step": step + 1}, "global_batch": len(next(iter(batch.values()))),
+                    "lr_schedule": {"steps": steps, "lr": lr, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
+                                    "last_lr": opt.param_groups[0]["lr"]},
+                })
+            if stopping:
+                print(f"stopped by signal {stop.signum} after step {step + 1}; checkpoint written", flush=True)
+                raise SystemExit(128 + (stop.signum or 0))
     return curves
 
 
@@ -202,15 +246,22 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     import tritium
     from tritium.models.transformers import quantize_excludes
 
+    from . import checkpoint, distributed
     from .runner import run_key, split_precision
 
     train_spec, ptq_spec = split_precision(cfg["precision"])
     torch.manual_seed(cfg["seed"])
     corpus = _corpus(cfg, args)
-    model = build(cfg, corpus)
     exclude = quantize_excludes(cfg["task"], cfg.get("quantize_heads", False), cfg.get("exclude"))
-    if train_spec not in ("fp32", "bf16", "fp16"):
-        tritium.quantize(model, train_spec, exclude=exclude)
+
+    def make_model() -> torch.nn.Module:
+        model = build(cfg, corpus)
+        if train_spec not in ("fp32", "bf16", "fp16"):
+            tritium.quantize(model, train_spec, exclude=exclude)
+        return model
+
+    model = make_model()
+    dev = distributed.device()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_spec)
 
     bs, sl = cfg["batch_size"], cfg["seq_len"]
@@ -219,30 +270,40 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(1234)  # the same evaluation batches for every run
     eval_sets = {"train": [train_batch(g) for _ in range(cfg["eval_batches"])],
                  "val": [val_batch(g) for _ in range(cfg["eval_batches"])]}
+    eval_sets = {k: [{n: t.to(dev) for n, t in b.items()} for b in v] for k, v in eval_sets.items()}
 
     def get_batch(step: int) -> dict:  # the data order depends on (seed, step) only
-        return train_batch(torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step))
+        b = train_batch(torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step))
+        return {n: t.to(dev) for n, t in b.items()}
 
     work = Path(args.work_dir) if getattr(args, "work_dir", None) else None
     fp32_ckpt = None
     if ptq_spec is not None and work is not None:  # reuse the matching fp32 run's weights when present
-        fp32_ckpt = work.parent / run_key({**cfg, "precision": "fp32"}) / "final.pt"
+        fp32_ckpt = work.parent / run_key({**cfg, "precision": "fp32"}) / "final.safetensors"
     t0 = time.perf_counter()
     if fp32_ckpt is not None and fp32_ckpt.is_file():
-        model.load_state_dict(torch.load(fp32_ckpt, weights_only=True))
+        from safetensors.torch import load_file
+
+        model.to(dev).load_state_dict(load_file(fp32_ckpt, device=str(dev)))
         curves = {"step": [cfg["steps"]], "train_loss": [evaluate(model, eval_sets["train"])],
                   "val_loss": [evaluate(model, eval_sets["val"])]}
     else:
+        model = distributed.wrap(model.to(dev), getattr(args, "fsdp", False))
+        ckpt = None if work is None else checkpoint.Checkpointer(
+            work / "ckpt", getattr(args, "ckpt_every", 0), getattr(args, "keep_ckpts", 2),
+            getattr(args, "resume", False))
         curves = train(
             model, get_batch, cfg["steps"], cfg["lr"], cfg["warmup"], cfg["min_lr_ratio"], cfg["weight_decay"],
             eval_every=cfg["eval_every"], eval_sets=eval_sets, dtype=dtype,
             warmup_lambda=cfg.get("warmup_lambda", 0), progress=not getattr(args, "no_progress", False),
+            accum=getattr(args, "grad_accum", 1), ckpt=ckpt,
         )
-        if train_spec == "fp32" and ptq_spec is None and work is not None:
+        if distributed.is_fsdp(model):  # continue with an unsharded copy on every rank
+            model = distributed.unsharded_copy(model, make_model().to(dev))
+        model = distributed.unwrap(model)
+        if train_spec == "fp32" and ptq_spec is None and work is not None and distributed.is_main():
             work.mkdir(parents=True, exist_ok=True)
-            tmp = work / "final.pt.tmp"
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(work / "final.pt")
+            checkpoint.save_tensors(work / "final.safetensors", model.state_dict())
     train_s = time.perf_counter() - t0
     out = {}
     if ptq_spec is not None:
