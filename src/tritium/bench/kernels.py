@@ -1,0 +1,132 @@
+"""``tritium bench kernels``: the packed ternary kernel against torch fp32, bf16 and int8 dynamic
+quantization, on LLM-sized linear layers, with a memory-bandwidth probe from the same run."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels, quant
+from ..config import BitConfig
+from .common import machine_info, memory_bandwidth_gb_s, time_interleaved, write_json
+
+SHAPES = [(m, k, n) for m in (1, 128) for k, n in ((2048, 2048), (4096, 4096), (4096, 11008), (11008, 4096))]
+QUICK_SHAPES = [(1, 4096, 11008), (128, 4096, 11008)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes (smoke test)")
+    parser.add_argument("--shapes", help="comma-separated MxKxN list (default: M in {1,128} x 4 LLM layers)")
+    parser.add_argument("--repeats", type=int, help="timed runs per method (default 20, quick 3)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's setting)")
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    try:
+        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise SystemExit(f"--shapes: expected MxKxN[,MxKxN...], got {text!r}") from e
+
+
+def _int8_dynamic(linear: nn.Linear) -> tuple[nn.Module | None, str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import quantize_dynamic
+
+            return quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8), ""
+    except Exception as e:  # any failure means: not available in this torch
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _bench_shape(m: int, k: int, n: int, repeats: int) -> dict[str, object]:
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+    w = linear.weight.detach()
+    x = torch.randn(m, k, generator=gen)
+    wb, xb = w.bfloat16(), x.bfloat16()
+    q, sw = quant.quantize_weight(w, BitConfig())
+    packed, sw = kernels.pack(q.to(torch.int8)), sw.reshape(-1).float()
+    xq, sx = quant.quantize_act(x, 8)
+    xq, sx = xq.to(torch.int8), sx.reshape(-1)
+
+    def tritium_with_quant():
+        xq_, sx_ = quant.quantize_act(x, 8)
+        return kernels.ternary_matmul(xq_.to(torch.int8), packed, n, k, sx_.reshape(-1), sw)
+
+    fns = {
+        "fp32": lambda: F.linear(x, w),
+        "bf16": lambda: F.linear(xb, wb),
+        "tritium": lambda: kernels.ternary_matmul(xq, packed, n, k, sx, sw),
+        "tritium_quant": tritium_with_quant,
+    }
+    int8_model, int8_error = _int8_dynamic(linear)
+    if int8_model is not None:
+        fns["int8"] = lambda: int8_model(x)
+    with torch.inference_mode():
+        ms = time_interleaved(fns, repeats=repeats)
+    weight_bytes = {"fp32": 4 * n * k, "bf16": 2 * n * k, "int8": n * k, "tritium": packed.numel()}
+    row: dict[str, object] = {"m": m, "k": k, "n": n}
+    for name, t in ms.items():
+        row[f"{name}_ms"] = t
+        row[f"{name}_weight_gb_s"] = weight_bytes[name.split("_")[0]] / (t * 1e-3) / 1e9
+    for name in ("tritium", "tritium_quant"):
+        row[f"{name}_speedup_vs_fp32"] = ms["fp32"] / ms[name]
+        row[f"{name}_speedup_vs_int8"] = ms["int8"] / ms[name] if "int8" in ms else None
+    row["int8_error"] = int8_error or None
+    return row
+
+
+def _table(rows: list[dict[str, object]], bandwidth: float) -> str:
+    head = (f"{'M':>4} {'K':>6} {'N':>6} | {'fp32':>8} {'bf16':>8} {'int8':>8} | {'tern':>7} {'tern+q':>7}"
+            f" | {'x fp32':>6} {'x int8':>6} | {'tern GB/s':>9} {'% bw':>5}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        int8 = f"{r['int8_ms']:8.3f}" if "int8_ms" in r else f"{'n/a':>8}"
+        sp8 = r["tritium_quant_speedup_vs_int8"]
+        lines.append(
+            f"{r['m']:>4} {r['k']:>6} {r['n']:>6} | {r['fp32_ms']:8.3f} {r['bf16_ms']:8.3f} {int8} |"
+            f" {r['tritium_ms']:7.3f} {r['tritium_quant_ms']:7.3f} | {r['tritium_quant_speedup_vs_fp32']:6.1f}"
+            f" {'n/a' if sp8 is None else f'{sp8:6.1f}':>6} | {r['tritium_weight_gb_s']:9.1f}"
+            f" {100 * r['tritium_weight_gb_s'] / bandwidth:5.0f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Run the benchmark, print a table and return (and optionally write) the results."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = _parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else SHAPES
+    repeats = args.repeats or (3 if args.quick else 20)
+    bandwidth = memory_bandwidth_gb_s(64 if args.quick else 512, repeats=3 if args.quick else 7)
+    rows = []
+    for m, k, n in shapes:
+        rows.append(_bench_shape(m, k, n, repeats))
+    result = {
+        "benchmark": "kernels",
+        "backend": kernels.get_backend(),
+        "available_backends": kernels.available_backends(),
+        "repeats": repeats,
+        "bandwidth_gb_s": bandwidth,
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    print(f"tritium kernels ({result['backend']}) vs torch {torch.__version__}, {torch.get_num_threads()} threads,"
+          f" median ms of {repeats} runs; memory copy bandwidth {bandwidth:.1f} GB/s (read + write)")
+    print(_table(rows, bandwidth))
+    print("tern = kernel on int8 activations; tern+q = with per-token activation quantization of the fp32"
+          " input; x fp32 / x int8 = speedup of tern+q; % bw = ternary weight bytes/s as % of copy bandwidth")
+    errors = {r["int8_error"] for r in rows if r.get("int8_error")}
+    for e in errors:
+        print(f"int8 dynamic quantization unavailable in this torch, skipped: {e}")
+    if args.json:
+        write_json(args.json, result)
+    return result
