@@ -1,33 +1,74 @@
-"""Timing helpers shared by the benchmarks: medians of repeated runs, a memory-bandwidth probe and
-atomic JSON output."""
+"""Shared benchmark helpers: timing by medians of repeats, peak tensor memory, machine info, JSON output."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 
-def time_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` runs after ``warmup`` runs."""
+def time_median(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup`` calls, and all times."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(max(1, repeats)):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(times), times
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds of each function, timed in round-robin so that load changes hit all alike."""
+class PeakMemory(TorchDispatchMode):
+    """Tracks the bytes of live tensor storages created inside the context, and their peak.
+
+    Tensors that exist before entering (e.g. parameters) are added with `count`. Measures tensor memory,
+    not allocator overhead or the interpreter; deterministic, unlike RSS.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def count(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            self._track(t)
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self.live or st.nbytes() == 0 or t.device.type == "meta":
+            return
+        self.live[key] = st.nbytes()
+        self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time in seconds of each function, timed round-robin so that load changes hit all alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -37,7 +78,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, wa
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
@@ -45,30 +86,33 @@ def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
     n = megabytes * (1 << 20) // 4
     src = torch.ones(n)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), repeats=repeats, warmup=1)
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
+    seconds, _ = time_median(lambda: dst.copy_(src), repeats=repeats, warmup=1)
+    return 2 * n * 4 / seconds / 1e9
 
 
-def write_json(path: str | os.PathLike, obj: object) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
+def machine_info() -> dict:
+    """CPU, thread count and versions, for the record."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically (temp file in the same directory, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def machine_info() -> dict[str, object]:
-    """Torch version, thread count and CPU capability, to store alongside results."""
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpus": os.cpu_count(),
-    }

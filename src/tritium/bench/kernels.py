@@ -71,7 +71,7 @@ def _bench_shape(m: int, k: int, n: int, repeats: int) -> dict[str, object]:
     if int8_model is not None:
         fns["int8"] = lambda: int8_model(x)
     with torch.inference_mode():
-        ms = time_interleaved(fns, repeats=repeats)
+        ms = {name: t * 1e3 for name, t in time_interleaved(fns, repeats=repeats).items()}
     weight_bytes = {"fp32": 4 * n * k, "bf16": 2 * n * k, "int8": n * k, "tritium": packed.numel()}
     row: dict[str, object] = {"m": m, "k": k, "n": n}
     for name, t in ms.items():
