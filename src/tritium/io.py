@@ -361,13 +361,15 @@ def _check_layer(path: PathLike, name: str, rec: object, tensors: dict) -> None:
     if not isinstance(rec.get("bias"), bool):
         raise _fail(path, f"layer {name!r}: bias must be true or false")
     if kind == "bitlinear":
+        if not isinstance(rec.get("config"), dict):
+            raise _fail(path, f"layer {name!r}: config must be a JSON object")
         try:
-            BitConfig(**rec.get("config", {}))
+            BitConfig(**rec["config"])
         except (TypeError, ValueError) as e:
             raise _fail(path, f"layer {name!r}: bad config ({e})") from None
     if kind != "ternary":
         return
-    if rec.get("norm") not in NORMS or rec.get("scale") not in ("tensor", "channel"):
+    if "norm" not in rec or rec["norm"] not in NORMS or rec.get("scale") not in ("tensor", "channel"):
         raise _fail(path, f"layer {name!r}: bad norm {rec.get('norm')!r} or scale {rec.get('scale')!r}")
     storage = rec.get("storage")
     if storage not in STORAGES:
