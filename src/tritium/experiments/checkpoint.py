@@ -253,8 +253,10 @@ def load(sidecar: Path, model: nn.Module, optimizer: torch.optim.Optimizer | Non
             if k.startswith("optim/"):
                 name, key = k[len("optim/"):].rsplit("/", 1)
                 state.setdefault(name, {})[key] = v
-        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+        groups = meta["param_groups"]
         set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=_options())
+        for group in optimizer.param_groups:  # JSON has no tuples (AdamW's betas)
+            group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
     if restore_rng:
         set_rng_state(tensors, meta["rng"])
     return meta
