@@ -11,7 +11,9 @@ name; tied tensors are stored once. The safetensors metadata holds ``format`` ("
 `BitConfig`), ``aliases`` (JSON: tied name -> stored name) and, for transformers models, ``model_class``
 and ``model_config``.
 
-Loading never unpickles. Any malformed, truncated or hostile file raises `TritiumFormatError`.
+Loading never unpickles: `load` validates the whole header first, then reads each tensor's bytes into
+fresh memory (no memory map, so loading a file costs no more than its tensors). Any malformed, truncated
+or hostile file raises `TritiumFormatError`.
 """
 
 from __future__ import annotations
@@ -236,6 +238,7 @@ class Header:
     aliases: dict[str, str]
     metadata: dict[str, str]
     file_size: int
+    offsets: dict[str, int] = field(default_factory=dict)  # file position of each tensor's data
 
     @property
     def version(self) -> int:
@@ -313,6 +316,7 @@ def read_header(path: PathLike) -> Header:
                           "upgrade tritium")
     data_size = size - 8 - n
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    starts: dict[str, int] = {}
     spans = []
     for name, info in header.items():
         if not isinstance(info, dict):
@@ -331,6 +335,7 @@ def read_header(path: PathLike) -> Header:
             raise _fail(path, f"tensor {name!r}: {b - a} bytes of data for shape {list(shape)} {dtype}")
         spans.append((a, b))
         tensors[name] = (dtype, shape)
+        starts[name] = 8 + n + a
     spans.sort()
     end = 0
     for a, b in spans:
@@ -347,7 +352,7 @@ def read_header(path: PathLike) -> Header:
     for alias, target in aliases.items():
         if not isinstance(target, str) or target not in tensors or alias in tensors:
             raise _fail(path, f"alias {alias!r} -> {target!r} does not name a stored tensor")
-    return Header(tensors, layers, aliases, meta, size)
+    return Header(tensors, layers, aliases, meta, size, starts)
 
 
 def _check_layer(path: PathLike, name: str, rec: object, tensors: dict) -> None:
@@ -404,13 +409,19 @@ def _ternary_module(path: PathLike, name: str, rec: dict, get) -> TernaryLinear:
     return m
 
 
-def _open(path: PathLike):
-    from safetensors import safe_open
+def _reader(path: PathLike, header: Header, f):
+    """``get(key)``: the tensor ``key`` read from the open file ``f`` into fresh memory (no mmap)."""
 
-    try:
-        return safe_open(os.fspath(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types
-        raise _fail(path, f"safetensors cannot open it ({e})") from None
+    def get(key: str) -> Tensor:
+        dtype, shape = header.tensors[key]
+        buf = torch.empty(math.prod(shape) * _DTYPES[dtype].itemsize, dtype=torch.uint8)
+        f.seek(header.offsets[key])
+        if buf.numel() and f.readinto(buf.numpy()) != buf.numel():
+            raise _fail(path, f"tensor {key!r} is truncated (the file changed while loading?)")
+        t = buf.ne(0) if dtype == "BOOL" else buf.view(_DTYPES[dtype])
+        return t.reshape(shape)
+
+    return get
 
 
 def load(path: PathLike, model: nn.Module | None = None) -> nn.Module | Checkpoint:
@@ -428,14 +439,12 @@ def load(path: PathLike, model: nn.Module | None = None) -> nn.Module | Checkpoi
     the layer records and, if stored, the transformers class name and config (to build a skeleton from).
     """
     header = read_header(path)
-    with _open(path) as f:
-
-        def get(key: str) -> Tensor:
-            try:
-                return f.get_tensor(key)
-            except Exception as e:
-                raise _fail(path, f"cannot read tensor {key!r} ({e})") from None
-
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TritiumFormatError(f"{os.fspath(path)}: cannot read ({e})") from e
+    with f:
+        get = _reader(path, header, f)
         owned = set()
         modules: dict[str, TernaryLinear] = {}
         for name, rec in header.layers.items():
