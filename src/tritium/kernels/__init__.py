@@ -34,7 +34,7 @@ from .reference import pack, unpack
 __all__ = ["pack", "unpack", "ternary_matmul", "set_backend", "get_backend", "available_backends", "MAX_K"]
 
 MAX_K = 1 << 17
-BACKENDS = ("avx512", "avx2", "generic", "reference")
+BACKENDS = ("amx", "avx512", "avx2", "generic", "reference")
 
 _lib, _load_error = _native.load()
 _backend: str | None = None  # resolved lazily from TRITIUM_KERNEL

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 NAME = "_tritium_kernels"
-NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2}
+NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2, "amx": 3}
 
 
 def _candidates() -> list[Path]:

@@ -19,18 +19,20 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #define API __attribute__((visibility("default")))
 #define AI static inline __attribute__((always_inline))
 
-enum { BACKEND_GENERIC = 0, BACKEND_AVX2 = 1, BACKEND_AVX512 = 2 };
+enum { BACKEND_GENERIC = 0, BACKEND_AVX2 = 1, BACKEND_AVX512 = 2, BACKEND_AMX = 3 };
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Persistent thread pool: workers spin briefly, then sleep on a condition variable.                  */
 
 #define MAX_THREADS 256
-#define SPIN_ITERS 20000
+#define SPIN_ITERS 2000
 
 typedef void (*task_fn)(const void *ctx, int64_t task);
 
@@ -158,7 +160,8 @@ typedef struct {
     float *y;
     int64_t M, N, K;
     int64_t kb;         /* packed bytes per weight row: ceil(K / 4) */
-    int64_t kp;         /* K rounded up to 256: row length of xp */
+    int64_t kp;         /* K rounded up to 256 (AMX: 64): used row length of xp */
+    int64_t xs;         /* row stride of xp (AMX: kp + 64, so that tile rows do not share cache sets) */
     int sw_per_channel; /* sw has N entries (else 1) */
     int8_t *xp;         /* permuted, zero-padded activations (x86 backends) */
     int32_t *xsum;      /* activation row sums */
@@ -425,10 +428,141 @@ T256 static void avx2_task(const void *ctx, int64_t t) {
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------ */
+/* AMX (M >= AMX_MIN_M): a panel of 16 weight rows is decoded once to the VNNI tile layout           */
+/* B[p][16 rows][4 codes] (p = packed byte index) and multiplied with 16-row activation tiles by      */
+/* TDPBSUD (signed activations x unsigned codes).                                                   */
+
+#define TAMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,bmi2,amx-tile,amx-int8")))
+#define AMX_MIN_M 16
+#define AMX_BN 32  /* weight rows per task: two B tiles */
+#define AMX_BM 512 /* activation rows per task */
+
+/* u-codes of rows [n, n + 16) as B[p][16][4] for p < kb; rows past N and p >= kb are zero. */
+T512 static void decode_panel16(const job_t *j, int64_t n, uint8_t *B, int64_t prows) {
+    int64_t kb = j->kb, rows = j->N - n < 16 ? j->N - n : 16, full = kb / 4;
+    const uint8_t *w = j->w + n * kb;
+    __mmask16 rm = (__mmask16)((1u << rows) - 1);
+    __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32((int)kb));
+    const __m512i lo = _mm512_set1_epi32(0xFF), m3 = _mm512_set1_epi32(0x03030303);
+    for (int64_t q = 0; q < full; q++) {
+        __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, w + 4 * q, 1);
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; b++) {
+            __m512i v = b ? _mm512_srli_epi32(g, 8 * b) : g;
+            if (b < 3) v = _mm512_and_si512(v, lo);
+            __m512i t = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 6), _mm512_slli_epi32(v, 12), 0xFE);
+            t = _mm512_ternarylogic_epi32(t, _mm512_slli_epi32(v, 18), m3, 0xA8); /* (t | s) & m3 */
+            _mm512_store_si512((void *)(B + (4 * q + b) * 64), t);
+        }
+    }
+    memset(B + full * 4 * 64, 0, (size_t)((prows - full * 4) * 64));
+    for (int64_t p = full * 4; p < kb; p++)
+        for (int64_t r = 0; r < rows; r++) {
+            uint32_t v = w[r * kb + p];
+            uint32_t t = (v | v << 6 | v << 12 | v << 18) & 0x03030303u;
+            memcpy(B + p * 64 + r * 4, &t, 4);
+        }
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+/* Rescale 16 int32 sums of row m, columns [n, n + 16) (masked to N), and store. */
+T512 AI void store16(const job_t *j, int64_t m, int64_t n, __m512i acc) {
+    int64_t cols = j->N - n < 16 ? j->N - n : 16;
+    __mmask16 cm = (__mmask16)((1u << cols) - 1);
+    __m512 sw = j->sw_per_channel ? _mm512_maskz_loadu_ps(cm, j->sw + n) : _mm512_set1_ps(j->sw[0]);
+    __m512 s = _mm512_mul_ps(_mm512_set1_ps(j->sx[m]), sw);
+    acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(j->xsum[m]));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), s);
+    if (j->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(cm, j->bias + n));
+    _mm512_mask_storeu_ps(j->y + m * j->N + n, cm, v);
+}
+
+TAMX static void amx_task(const void *ctx, int64_t t) {
+    const job_t *j = ctx;
+    int64_t n0 = (t / j->tm) * j->bn;
+    int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
+    int64_t prows = j->kp / 4, kt = j->kp / 64; /* B rows per panel, k tiles */
+    uint8_t *B = aligned_alloc(64, (size_t)(2 * prows * 64));
+    int32_t *C = aligned_alloc(64, 32 * 32 * sizeof(int32_t));
+    if (!B || !C) {
+        free(B);
+        free(C);
+        return;
+    }
+    int two = n0 + 16 < j->N;
+    decode_panel16(j, n0, B, prows);
+    if (two) decode_panel16(j, n0 + 16, B + prows * 64, prows);
+    tilecfg_t cfg = {0};
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    const uint8_t *B1 = B + prows * 64;
+    for (int64_t m = m0; m < m1; m += 32) {
+        const int8_t *A = j->xp + m * j->xs;
+        const int8_t *A1 = A + 16 * j->xs;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < kt; k++) {
+            _tile_loadd(4, A + k * 64, j->xs);
+            _tile_loadd(5, A1 + k * 64, j->xs);
+            _tile_loadd(6, B + k * 16 * 64, 64);
+            _tile_loadd(7, B1 + k * 16 * 64, 64);
+            _tile_dpbsud(0, 4, 6);
+            _tile_dpbsud(1, 4, 7);
+            _tile_dpbsud(2, 5, 6);
+            _tile_dpbsud(3, 5, 7);
+        }
+        _tile_stored(0, C, 128);
+        _tile_stored(1, C + 16, 128);
+        _tile_stored(2, C + 16 * 32, 128);
+        _tile_stored(3, C + 16 * 32 + 16, 128);
+        int64_t rows = m1 - m < 32 ? m1 - m : 32;
+        for (int64_t r = 0; r < rows; r++) {
+            store16(j, m + r, n0, _mm512_load_si512((const void *)(C + r * 32)));
+            if (two) store16(j, m + r, n0 + 16, _mm512_load_si512((const void *)(C + r * 32 + 16)));
+        }
+    }
+    _tile_release();
+    free(B);
+    free(C);
+}
+
+/* Natural-order activations zero-padded to kp columns and to a multiple of 32 rows, and row sums. */
+static void prep_plain_task(const void *ctx, int64_t m) {
+    const job_t *j = ctx;
+    int8_t *dst = j->xp + m * j->xs;
+    memset(dst, 0, (size_t)j->xs);
+    if (m >= j->M) return;
+    const int8_t *x = j->x + m * j->K;
+    int32_t sum = 0;
+    memcpy(dst, x, (size_t)j->K);
+    for (int64_t k = 0; k < j->K; k++) sum += x[k];
+    j->xsum[m] = sum;
+}
 #endif /* __x86_64__ */
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Public C ABI.                                                                                   */
+
+#if defined(__x86_64__)
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static int amx_ok;
+/* Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
+static void request_amx(void) { amx_ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+#endif
 
 /* Bit mask of the backends this CPU supports: 1 << BACKEND_*. */
 API int tk_supported(void) {
@@ -439,6 +573,10 @@ API int tk_supported(void) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
         mask |= 1 << BACKEND_AVX512;
+    if ((mask >> BACKEND_AVX512 & 1) && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8")) {
+        pthread_once(&amx_once, request_amx);
+        if (amx_ok) mask |= 1 << BACKEND_AMX;
+    }
 #endif
     return mask;
 }
@@ -452,11 +590,11 @@ static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const float *sx, const float *sw,
                           int sw_per_channel, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                           int nthreads) {
-    if (backend < 0 || backend > 2 || !(tk_supported() & (1 << backend))) return -1;
+    if (backend < 0 || backend > 3 || !(tk_supported() & (1 << backend))) return -1;
     if (M < 0 || N < 0 || K < 0 || K > (1 << 17)) return -3;
     if (M == 0 || N == 0) return 0;
     if (nthreads < 1) nthreads = 1;
-    job_t j = {x, w, sx, sw, bias, y, M, N, K, ceil_div(K, 4), ceil_div(K, 256) * 256, sw_per_channel,
+    job_t j = {x, w, sx, sw, bias, y, M, N, K, ceil_div(K, 4), ceil_div(K, 256) * 256, 0, sw_per_channel,
                NULL, NULL, 0, 0, 0};
     /* Blocks: a weight panel of bn rows (kept in L2) is reused by bm activation rows. */
     j.bm = M == 1 ? 1 : (M + 95) / 96 > 1 ? 96 : M;
@@ -472,6 +610,27 @@ API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const 
         return 0;
     }
 #if defined(__x86_64__)
+    if (backend == BACKEND_AMX && M >= AMX_MIN_M) {
+        j.kp = ceil_div(K, 64) * 64;
+        j.xs = j.kp + 64;
+        j.bm = AMX_BM;
+        j.tm = ceil_div(M, j.bm);
+        j.bn = AMX_BN;
+        int64_t mp = ceil_div(M, 32) * 32;
+        j.xp = aligned_alloc(64, (size_t)(mp * j.xs));
+        j.xsum = malloc((size_t)M * sizeof(int32_t));
+        if (!j.xp || !j.xsum) {
+            free(j.xp);
+            free(j.xsum);
+            return -2;
+        }
+        parallel_for(prep_plain_task, &j, mp, M * K >= (1 << 16) ? nthreads : 1);
+        parallel_for(amx_task, &j, ceil_div(N, j.bn) * j.tm, nthreads);
+        free(j.xp);
+        free(j.xsum);
+        return 0;
+    }
+    if (backend == BACKEND_AMX) backend = BACKEND_AVX512;
     j.xp = aligned_alloc(64, (size_t)(M * j.kp));
     j.xsum = malloc((size_t)M * sizeof(int32_t));
     if (!j.xp || !j.xsum) {
