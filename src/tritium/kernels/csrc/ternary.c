@@ -201,8 +201,37 @@ static void prep_task(const void *ctx, int64_t m) {
 /* Portable C: decode a tile of weight rows to int8 once, reuse it for every activation row.        */
 
 #define GEN_TILE 16
+#define GEN_DIRECT_M 8 /* below this many rows, work on the packed bytes directly */
 
+/* Few rows: sum_k u*x straight from the packed bytes and the permuted activations (vectorizable). */
+static void generic_direct_task(const void *ctx, int64_t t) {
+    const job_t *j = ctx;
+    int64_t n0 = (t / j->tm) * j->bn, n1 = n0 + j->bn < j->N ? n0 + j->bn : j->N;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = j->w + n * j->kb;
+        for (int64_t m = 0; m < j->M; m++) {
+            const int8_t *xp = j->xp + m * j->kp;
+            int32_t acc = 0;
+            for (int64_t c = 0; c < j->kb; c += 64) {
+                int64_t len = j->kb - c < 64 ? j->kb - c : 64;
+                const uint8_t *wc = w + c;
+                const int8_t *xc = xp + c * 4;
+                int32_t s = 0;
+                for (int64_t b = 0; b < len; b++) { /* int16 products: |sum| <= 4 * 3 * 128 */
+                    int16_t v = wc[b];
+                    s += (int16_t)((v & 3) * xc[b] + ((v >> 2) & 3) * xc[64 + b] +
+                                   ((v >> 4) & 3) * xc[128 + b] + (v >> 6) * xc[192 + b]);
+                }
+                acc += s;
+            }
+            store(j, m, n, acc - j->xsum[m]);
+        }
+    }
+}
+
+/* Many rows: decode a tile of weight rows to int8 once and reuse it for every activation row. */
 static void generic_task(const void *ctx, int64_t t) {
+    static const int8_t dec[4] = {-1, 0, 1, 2};
     const job_t *j = ctx;
     int64_t n0 = (t / j->tm) * j->bn, n1 = n0 + j->bn < j->N ? n0 + j->bn : j->N;
     int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
@@ -216,10 +245,10 @@ static void generic_task(const void *ctx, int64_t t) {
             int8_t *dst = tile + r * kb * 4;
             for (int64_t b = 0; b < kb; b++) {
                 uint8_t v = src[b];
-                dst[4 * b + 0] = (int8_t)((v & 3) - 1);
-                dst[4 * b + 1] = (int8_t)(((v >> 2) & 3) - 1);
-                dst[4 * b + 2] = (int8_t)(((v >> 4) & 3) - 1);
-                dst[4 * b + 3] = (int8_t)((v >> 6) - 1);
+                dst[4 * b + 0] = dec[v & 3];
+                dst[4 * b + 1] = dec[(v >> 2) & 3];
+                dst[4 * b + 2] = dec[(v >> 4) & 3];
+                dst[4 * b + 3] = dec[v >> 6];
             }
         }
         for (int64_t m = m0; m < m1; m++) {
@@ -605,7 +634,7 @@ API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const 
     if (M > 1 && bn > 64) bn = 64;
     j.bn = bn;
     int64_t ntasks = ceil_div(N, bn) * j.tm;
-    if (backend == BACKEND_GENERIC) {
+    if (backend == BACKEND_GENERIC && M >= GEN_DIRECT_M) {
         parallel_for(generic_task, &j, ntasks, nthreads);
         return 0;
     }
@@ -631,6 +660,7 @@ API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const 
         return 0;
     }
     if (backend == BACKEND_AMX) backend = BACKEND_AVX512;
+#endif
     j.xp = aligned_alloc(64, (size_t)(M * j.kp));
     j.xsum = malloc((size_t)M * sizeof(int32_t));
     if (!j.xp || !j.xsum) {
@@ -639,9 +669,13 @@ API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const 
         return -2;
     }
     parallel_for(prep_task, &j, M, M * K >= (1 << 16) ? nthreads : 1);
-    parallel_for(backend == BACKEND_AVX512 ? avx512_task : avx2_task, &j, ntasks, nthreads);
+#if defined(__x86_64__)
+    if (backend != BACKEND_GENERIC)
+        parallel_for(backend == BACKEND_AVX512 ? avx512_task : avx2_task, &j, ntasks, nthreads);
+    else
+#endif
+        parallel_for(generic_direct_task, &j, ntasks, nthreads);
     free(j.xp);
     free(j.xsum);
-#endif
     return 0;
 }
