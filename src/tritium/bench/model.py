@@ -5,7 +5,7 @@ hidden 1024, 8 layers, MLP 2816, 16 heads, i.e. 103M parameters in its linear la
 is 8192 with tied input/output embeddings (8.4M parameters): a 32k untied vocabulary would add 65M
 full-precision parameters, more than half the model, and the benchmark would mostly measure the
 embedding and the head, which `tritium.quantize` keeps in full precision by default (as does the
-frozen model here). Each variant runs in its own process, so its peak RSS is its own:
+frozen model here). Each variant runs in its own process, so its peak RSS (VmHWM) is its own:
 
 * ``fp32``: the model at float32; ``bf16``: the model built directly at bfloat16;
 * ``ternary``: a meta-device skeleton filled by `tritium.load` from the saved frozen file, so its
@@ -70,6 +70,11 @@ def _rss() -> int:
 
 
 def _peak_rss() -> int:
+    """Peak resident set size of this process image in bytes (VmHWM; ru_maxrss survives exec on Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -152,12 +157,15 @@ def _prepare(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
-def _spawn(variant: str, args: argparse.Namespace, work: Path) -> None:
-    cmd = [sys.executable, "-m", "tritium.cli", "bench", "model", "--worker", variant, "--workdir", str(work),
+def _worker_cmd(variant: str, args: argparse.Namespace, work: Path) -> list[str]:
+    return [sys.executable, "-m", "tritium.cli", "bench", "model", "--worker", variant, "--workdir", str(work),
            "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--hidden", str(args.hidden),
            "--layers", str(args.layers), "--intermediate", str(args.intermediate), "--heads", str(args.heads),
            "--vocab", str(args.vocab)]
-    subprocess.run(cmd, check=True)
+
+
+def _spawn(variant: str, args: argparse.Namespace, work: Path) -> None:
+    subprocess.run(_worker_cmd(variant, args, work), check=True)
 
 
 def _median(xs: list[float]) -> float:
