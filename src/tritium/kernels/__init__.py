@@ -14,10 +14,11 @@ Contract (every backend computes exactly this):
 Activations may use the full int8 range [-128, 127] (the quantizer produces [-127, 127]); ``K`` is at
 most 131,072 so that ``|acc| <= 2^24`` is exact in float32.
 
-Backends: ``avx512`` (AVX-512 VNNI), ``avx2``, ``generic`` (portable C), all multithreaded with
-``torch.get_num_threads()`` threads, and ``reference`` (pure PyTorch). The default ``auto`` picks the
-fastest one this CPU supports; ``TRITIUM_KERNEL=auto|avx512|avx2|generic|reference`` or `set_backend`
-forces one. Without the compiled library, ``auto`` falls back to the reference with a warning.
+Backends: ``amx`` (AVX-512 VNNI for fewer than 16 rows, AMX tiles from 16 rows on), ``avx512``
+(AVX-512 VNNI), ``avx2``, ``generic`` (portable C), all multithreaded with ``torch.get_num_threads()``
+threads, and ``reference`` (pure PyTorch). The default ``auto`` picks the fastest one this CPU supports;
+``TRITIUM_KERNEL=auto|amx|avx512|avx2|generic|reference`` or `set_backend` forces one. Without the
+compiled library, ``auto`` falls back to the reference with a warning.
 ``ternary_matmul`` is the custom op ``torch.ops.tritium.ternary_matmul``, so it works under
 ``torch.compile(fullgraph=True)`` and ``torch.inference_mode()``.
 """

@@ -10,6 +10,9 @@
  * activation row sum is subtracted at the end. Activations are permuted once per call so that the four
  * 2-bit fields of 64 consecutive packed bytes line up with four contiguous 64-byte activation vectors:
  * within each block of 256 k, xp[i*64 + j] = x[4*j + i].
+ *
+ * The AMX backend decodes a panel of 16 weight rows once into the tile layout B[p][16 rows][4 codes]
+ * (p = packed byte index) and reuses it for up to 512 activation rows (TDPBSUD: signed x unsigned).
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -32,7 +35,7 @@ enum { BACKEND_GENERIC = 0, BACKEND_AVX2 = 1, BACKEND_AVX512 = 2, BACKEND_AMX = 
 /* Persistent thread pool: workers spin briefly, then sleep on a condition variable.                  */
 
 #define MAX_THREADS 256
-#define SPIN_ITERS 2000
+#define SPIN_ITERS 256
 
 typedef void (*task_fn)(const void *ctx, int64_t task);
 
