@@ -55,7 +55,7 @@ def test_activation_quant_reference():
     torch.manual_seed(0)
     x = torch.randn(6, 33) * torch.logspace(-3, 3, 6).unsqueeze(1)
     q, s = quantize_act(x, 8)
-    for row, qrow, srow in zip(x, q, s):
+    for row, qrow, srow in zip(x, q, s, strict=True):
         amax = max(abs(v) for v in row.tolist())
         scale = torch.tensor(amax, dtype=torch.float32) / 127
         assert srow.item() == scale.item()
