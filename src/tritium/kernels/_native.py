@@ -14,7 +14,8 @@ NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2, "amx": 3}
 def _candidates() -> list[Path]:
     here = Path(__file__).resolve().parent
     found = [here / (NAME + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
-    return [p for p in found if p.is_file()] + sorted(here.glob(NAME + "*.so"))
+    found = [p for p in found if p.is_file()]
+    return found + [p for p in sorted(here.glob(NAME + "*.so")) if p not in found]
 
 
 def load() -> tuple[ctypes.CDLL | None, str]:
