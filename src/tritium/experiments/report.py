@@ -122,7 +122,7 @@ def plot_bars(rows: list[dict], group_by: tuple[str, ...], metric: str, path: Pa
                 pos.append(i + (j - (len(precs) - 1) / 2) * width)
                 ms.append(m * k)
                 ss.append(s * k)
-        ax.bar(pos, ms, width, yerr=ss, capsize=2, label=p)
+        ax.bar(pos, ms, width, yerr=ss, capsize=2, label=p, color=f"C{j % 10}")
     ax.set_xticks(range(len(xs)), [_label(x) for x in xs])
     lo = min((mean_sd(v)[0] * k for v in g.values()), default=0)
     if k == 100:
@@ -148,6 +148,8 @@ def plot_curves(rows: list[dict], group_by: tuple[str, ...], path: Path, keys: t
         keys = tuple(dict.fromkeys(c for r in curves for c in r["curves"] if c != "step"))
     xs = list(dict.fromkeys(tuple(r.get(g) for g in group_by) for r in curves))
     plt = _plt()
+    precs = sorted({r["precision"] for r in curves}, key=precision_order)
+    color = {p: f"C{i % 10}" for i, p in enumerate(precs)}
     fig, axes = plt.subplots(len(keys), len(xs), figsize=(3.4 * len(xs), 2.6 * len(keys)), squeeze=False)
     for i, key in enumerate(keys):
         for j, x in enumerate(xs):
@@ -160,14 +162,15 @@ def plot_curves(rows: list[dict], group_by: tuple[str, ...], path: Path, keys: t
                 cs = by_prec[p]
                 n = min(len(c[key]) for c in cs)
                 ys = [statistics.fmean(c[key][t] for c in cs) for t in range(n)]
-                ax.plot(cs[0]["step"][:n], ys, label=p, lw=1)
+                ax.plot(cs[0]["step"][:n], ys, label=p, lw=1, color=color[p])
             ax.set_title(f"{_label(x)}: {key}" if x else key, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
+    handles = [plt.Line2D([], [], color=color[p], label=p) for p in precs]
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=min(len(precs), 4))
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1 if len(keys) < 3 else 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
