@@ -304,6 +304,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         if train_spec == "fp32" and ptq_spec is None and work is not None and distributed.is_main():
             work.mkdir(parents=True, exist_ok=True)
             checkpoint.save_tensors(work / "final.safetensors", model.state_dict())
+        distributed.barrier()  # every rank sees final.safetensors before a later ptq- run looks for it
     train_s = time.perf_counter() - t0
     out = {}
     if ptq_spec is not None:
