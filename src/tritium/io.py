@@ -598,6 +598,9 @@ def describe(path: PathLike) -> dict:
         "ternary_int32_adds": ops["ternary_adds"] * e["int32_add"] + scalar + fp_rest,
         "fp32": dense_macs * (e["fp32_mult"] + e["fp32_add"]) + bias_total * e["fp32_add"],
         "fp16": dense_macs * (e["fp16_mult"] + e["fp16_add"]) + bias_total * e["fp16_add"],
+        "ternary_layers_only": ops["ternary_adds"] * e["int8_add"] + scalar,
+        "ternary_layers_at_fp32": ops["ternary_adds"] * (e["fp32_mult"] + e["fp32_add"])
+        + ops["bias_adds"] * e["fp32_add"],
     }
     return {
         "file": os.fspath(path), "file_bytes": h.file_size, "format_version": h.version,
@@ -646,6 +649,10 @@ def format_info(d: dict) -> str:
     for label, key in labels:
         ratio = f"  ({fp32 / en[key]:.1f}x less than fp32)" if key.startswith("ternary") and en[key] else ""
         out.append(f"  {label:<20} {en[key] / 1e6:>10.3f} uJ{ratio}")
+    if en["ternary_layers_only"]:
+        out.append(f"  ternary layers alone: {en['ternary_layers_only'] / 1e6:.3f} uJ (int8 adds) vs "
+                   f"{en['ternary_layers_at_fp32'] / 1e6:.3f} uJ for the same layers at fp32 "
+                   f"({en['ternary_layers_at_fp32'] / en['ternary_layers_only']:.1f}x)")
     return "\n".join(out)
 
 
