@@ -168,6 +168,10 @@ def _spawn(variant: str, args: argparse.Namespace, work: Path) -> None:
     subprocess.run(_worker_cmd(variant, args, work), check=True)
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -186,13 +190,14 @@ def _summarize(args: argparse.Namespace, work: Path, sizes: dict) -> dict:
             "threads": runs[0]["threads"],
         }
     fp32, tern = variants["fp32"], variants["ternary"]
+    ratio = _ratio
     ratios = {
-        "decode_speedup_vs_fp32": tern["tokens_per_s"] / fp32["tokens_per_s"],
-        "decode_speedup_vs_bf16": tern["tokens_per_s"] / variants["bf16"]["tokens_per_s"],
-        "linear_weight_ratio": sizes["linear_bytes_fp32"] / sizes["linear_bytes_ternary"],
-        "file_size_ratio": sizes["file_bytes_fp32"] / sizes["file_bytes_ternary"],
-        "peak_rss_vs_fp32": tern["peak_rss_mb"] / fp32["peak_rss_mb"],
-        "peak_above_imports_vs_fp32": tern["peak_above_imports_mb"] / fp32["peak_above_imports_mb"],
+        "decode_speedup_vs_fp32": ratio(tern["tokens_per_s"], fp32["tokens_per_s"]),
+        "decode_speedup_vs_bf16": ratio(tern["tokens_per_s"], variants["bf16"]["tokens_per_s"]),
+        "linear_weight_ratio": ratio(sizes["linear_bytes_fp32"], sizes["linear_bytes_ternary"]),
+        "file_size_ratio": ratio(sizes["file_bytes_fp32"], sizes["file_bytes_ternary"]),
+        "peak_rss_vs_fp32": ratio(tern["peak_rss_mb"], fp32["peak_rss_mb"]),
+        "peak_above_imports_vs_fp32": ratio(tern["peak_above_imports_mb"], fp32["peak_above_imports_mb"]),
     }
     met = {
         "decode_speedup_vs_fp32": ratios["decode_speedup_vs_fp32"] >= TARGETS["decode_speedup_vs_fp32"],
