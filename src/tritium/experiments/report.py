@@ -183,8 +183,8 @@ def bit_widths(rows: list[dict]) -> set[float]:
 
 def plot_vs_bits(rows: list[dict], group_by: tuple[str, ...], metric: str, path: Path, title: str = "") -> Path:
     """Mean ``metric`` (sd error bars) against nominal weight bits (fp32 = 32, log axis): one line per
-    combination of axes and quantizer family (measure, PTQ) with at least three widths when there are such
-    lines; fp32 is shared by every line."""
+    combination of axes and quantizer family (measure, PTQ), for the axes with at least three widths when
+    there are such; fp32 is shared by every line."""
     plt = _plt()
     g = groups(rows, group_by, metric)
     k = scale(metric)
@@ -207,8 +207,11 @@ def plot_vs_bits(rows: list[dict], group_by: tuple[str, ...], metric: str, path:
                 lines[key][32.0] = b
         if not any(key[:-1] == axes for key in lines):
             lines[(*axes, "fp32")][32.0] = b
-    if any(len(v) >= 3 for v in lines.values()):  # only sweeps, not lone pairs of fp32 and one width
-        lines = defaultdict(dict, {key: v for key, v in lines.items() if len(v) >= 3})
+    widths: dict[tuple, set] = defaultdict(set)
+    for key, v in lines.items():
+        widths[key[:-1]] |= set(v)
+    if any(len(w) >= 3 for w in widths.values()):  # only the axes with a sweep of widths
+        lines = defaultdict(dict, {key: v for key, v in lines.items() if len(widths[key[:-1]]) >= 3})
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key in sorted(lines, key=str):
         pts = sorted(lines[key].items())
