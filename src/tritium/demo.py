@@ -1,12 +1,16 @@
 """``tritium demo``: train one small MLP on scikit-learn's bundled digits at fp32 and 1.58 bits.
 
 Same model, data split, seed and optimizer for every precision; only ``tritium.quantize`` differs.
+Each quantized model is then frozen to packed 2-bit weights, saved, loaded into an empty skeleton and
+evaluated again: the whole path from training to serving.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,23 +57,30 @@ def train_one(precision: str, data, epochs: int, seed: int = 0) -> dict:
     seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
-        acc = (model(xte).argmax(-1) == yte).float().mean().item()
-    s = tritium.summary(model)
-    return {
-        "precision": precision,
-        "test_acc": acc,
-        "bits_per_weight": s.bits_per_weight,
-        "size_kib": s.total_bits / 8 / 1024,
-        "train_s": seconds,
-    }
+        logits = model(xte)
+    row = {"precision": precision, "test_acc": (logits.argmax(-1) == yte).float().mean().item(),
+           "bits_per_weight": tritium.summary(model).bits_per_weight, "train_s": seconds}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        if precision.startswith("1.58"):  # serve it: packed 2-bit weights and the C++ kernels
+            tritium.save(tritium.freeze(model), path)
+            served = tritium.load(path, model=tritium.quantize(make_mlp().to("meta"), precision))
+            with torch.inference_mode():
+                row["frozen_equal"] = torch.equal(served(xte), logits)
+        else:
+            tritium.save(model, path)
+        row["file_kib"] = path.stat().st_size / 1024
+    return row
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'precision':<16} {'test acc':>9} {'bits/weight':>12} {'size':>10} {'train time':>11}"]
+    lines = [f"{'precision':<16} {'test acc':>9} {'bits/weight':>12} {'file':>10} {'train time':>11} "
+             f"{'frozen = trained':>17}"]
     for r in rows:
+        same = {True: "yes (bit-exact)", False: "NO", None: "-"}[r.get("frozen_equal")]
         lines.append(
             f"{r['precision']:<16} {r['test_acc'] * 100:>8.2f}% {r['bits_per_weight']:>12.2f} "
-            f"{r['size_kib']:>7.1f} KiB {r['train_s']:>10.1f}s"
+            f"{r['file_kib']:>6.1f} KiB {r['train_s']:>10.1f}s {same:>17}"
         )
     return "\n".join(lines)
 
@@ -77,11 +88,14 @@ def format_table(rows: list[dict]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=40, help="training epochs per precision (default 40)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the model is too small to gain from more)")
     parser.add_argument("--precision", default=",".join(PRECISIONS),
                         help="comma-separated precision specs (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
     data = load_digits(args.seed)
     print(f"digits: {len(data[1])} train / {len(data[3])} test images, MLP 64-256-256-10, "
           f"{args.epochs} epochs, {torch.get_num_threads()} threads")
@@ -91,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  trained {precision}: test acc {rows[-1]['test_acc'] * 100:.2f}%", flush=True)
     print()
     print(format_table(rows))
-    print("\nsize = bits the weights need: 1.58 per ternary weight, 32 per full-precision parameter "
-          "(biases stay fp32).")
-    return 0
+    print("\nbits/weight: 1.58 per ternary weight, 32 per full-precision parameter (biases stay fp32).\n"
+          "file: the saved safetensors file; 1.58-bit models are frozen first (2-bit packed weights).\n"
+          "frozen = trained: the frozen model, loaded back from its file, gives the trained model's logits.")
+    return 0 if all(r.get("frozen_equal", True) for r in rows) else 1

@@ -1,0 +1,36 @@
+"""The command line: routing, the demo and the training benchmark (tiny shapes, no timing asserts)."""
+
+import json
+
+import pytest
+
+from tritium.cli import main
+
+
+def test_usage_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "bench kernels" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    assert "usage: tritium COMMAND" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(capsys):
+    pytest.importorskip("sklearn")
+    assert main(["demo", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    for precision in ("fp32", "1.58-absmean", "1.58-absmedian"):
+        assert precision in out
+    assert out.count("yes (bit-exact)") == 2
+
+
+def test_bench_train_tiny(tmp_path, capsys):
+    path = tmp_path / "train.json"
+    main(["bench", "train", "--dim", "32", "--batch", "2", "--seq", "8", "--repeats", "2", "--warmup", "1",
+          "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert set(data["variants"]) == {"nn.Linear", "tritium absmean", "tritium absmedian"}
+    base = data["variants"]["nn.Linear"]
+    assert base["time_ratio"] == 1.0 and base["memory_ratio"] == 1.0
+    for v in data["variants"].values():
+        assert v["peak_mib"] > 0 and len(v["times_ms"]) == 2
+    assert "vs nn.Linear" in capsys.readouterr().out or "ratio" in path.read_text()
