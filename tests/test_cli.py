@@ -34,3 +34,20 @@ def test_bench_train_tiny(tmp_path, capsys):
     for v in data["variants"].values():
         assert v["peak_mib"] > 0 and len(v["times_ms"]) == 2
     assert "vs nn.Linear" in capsys.readouterr().out or "ratio" in path.read_text()
+
+
+def test_peak_memory_tracks_live_tensors():
+    import torch
+
+    from tritium.bench.common import PeakMemory
+
+    base = torch.ones(1000)  # counted explicitly, like parameters
+    mem = PeakMemory()
+    mem.count(base)
+    with mem:
+        a = base * 2  # +4000
+        b = a + 1  # +4000 -> peak 12000
+        del a, b  # freed
+        c = base * 3  # +4000 while peak stays 12000
+    assert mem.peak == 12000 and mem.current == 8000
+    del c
