@@ -14,13 +14,25 @@ Contract (every backend computes exactly this):
 Activations may use the full int8 range [-128, 127] (the quantizer produces [-127, 127]); ``K`` is at
 most 131,072 so that ``|acc| <= 2^24`` is exact in float32.
 
+* ``quantize_rows(x)``: float32 ``(M, K)`` -> int8 ``q`` ``(M, K)`` and float32 ``s`` ``(M,)``, the per-token
+  8-bit activation quantizer. Its definition is `tritium.quant.quantize_act` (``x, 8``):
+  ``s = max(absmax(x_row), 1e-5) / 127``, ``q = round_half_even(x / s)``. The native backends compute it
+  in C and are tested bit-exact (``q`` and ``s``) against ``quant.quantize_act`` for every backend
+  (tests/test_kernels.py); change the maths in quant.py and the C code together. A row with a NaN gets
+  ``s = NaN`` (an inf: ``s = inf``) and ``q = 0``, so that token's output is NaN.
+* ``ternary_linear(x, packed, n, k, sw, bias)``: ``ternary_matmul(*quantize_rows(x), ...)`` in one native
+  call (the int8 rows go straight into the kernel's activation layout), bit-identical to the
+  composition. `tritium.nn.TernaryLinear` runs on it.
+
 Backends: ``amx`` (AVX-512 VNNI for fewer than 16 rows, AMX tiles from 16 rows on), ``avx512``
 (AVX-512 VNNI), ``avx2``, ``generic`` (portable C), all multithreaded with ``torch.get_num_threads()``
 threads, and ``reference`` (pure PyTorch). The default ``auto`` picks the fastest one this CPU supports;
 ``TRITIUM_KERNEL=auto|amx|avx512|avx2|generic|reference`` or `set_backend` forces one. Without the
 compiled library, ``auto`` falls back to the reference with a warning.
-``ternary_matmul`` is the custom op ``torch.ops.tritium.ternary_matmul``, so it works under
-``torch.compile(fullgraph=True)`` and ``torch.inference_mode()``.
+``ternary_matmul``, ``quantize_rows`` and ``ternary_linear`` are the custom ops
+``torch.ops.tritium.{ternary_matmul,quantize_rows,ternary_linear}``, so they work under
+``torch.compile(fullgraph=True)`` and ``torch.inference_mode()``. A native call that cannot allocate its
+buffers (also inside a worker thread) raises MemoryError; the output is never returned half-written.
 """
 
 import os
@@ -29,10 +41,14 @@ import warnings
 import torch
 from torch import Tensor
 
+from .. import quant
 from . import _native, reference
 from .reference import pack, unpack
 
-__all__ = ["pack", "unpack", "ternary_matmul", "set_backend", "get_backend", "available_backends", "MAX_K"]
+__all__ = [
+    "pack", "unpack", "ternary_matmul", "quantize_rows", "ternary_linear", "set_backend", "get_backend",
+    "available_backends", "MAX_K",
+]
 
 MAX_K = 1 << 17
 BACKENDS = ("amx", "avx512", "avx2", "generic", "reference")
@@ -104,8 +120,14 @@ def _ternary_matmul_op(
         torch.get_num_threads(),
     )
     if rc != 0:
-        raise RuntimeError(f"tritium kernel {backend!r} failed with code {rc}")
+        _raise(backend, rc)
     return y
+
+
+def _raise(backend: str, rc: int) -> None:
+    if rc == -2:
+        raise MemoryError(f"tritium kernel {backend!r}: out of memory")
+    raise RuntimeError(f"tritium kernel {backend!r} failed with code {rc}")
 
 
 @_ternary_matmul_op.register_fake
@@ -154,3 +176,106 @@ def ternary_matmul(
         xq.contiguous(), packed.reshape(n, (k + 3) // 4).contiguous(), n, k, sx.reshape(m).contiguous(),
         sw.reshape(-1).contiguous(), bias,
     )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Activation quantization (definition: tritium.quant.quantize_act) and the fused linear.
+
+
+def _quantize_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``quant.quantize_act(x, 8)`` as int8 ``(M, K)`` and float32 ``(M,)`` (q = 0 where s is NaN or inf)."""
+    if x.shape[1] == 0:  # absmax of an empty row is 0 (torch's amax refuses an empty reduction)
+        s = torch.full((x.shape[0],), quant.ACT_EPS, dtype=torch.float32, device=x.device) / 127
+        return x.new_empty(x.shape, dtype=torch.int8), s
+    q, s = quant.quantize_act(x, 8)
+    return q.nan_to_num_(0.0).to(torch.int8), s.reshape(x.shape[0])
+
+
+@torch.library.custom_op("tritium::quantize_rows", mutates_args=())
+def _quantize_rows_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    backend = get_backend()
+    if backend == "reference" or x.device.type != "cpu":
+        return _quantize_reference(x)
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8)
+    s = torch.empty((m,), dtype=torch.float32)
+    rc = _lib.tk_quantize_rows(
+        _native.NATIVE_IDS[backend], x.data_ptr(), q.data_ptr(), s.data_ptr(), m, k, torch.get_num_threads()
+    )
+    if rc != 0:
+        _raise(backend, rc)
+    return q, s
+
+
+@_quantize_rows_op.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def _ternary_linear_impl(x: Tensor, packed: Tensor, n: int, k: int, sw: Tensor, bias: Tensor | None) -> Tensor:
+    """The fused op on validated inputs (``x`` float32 ``(M, k)``); `TernaryLinear` calls it directly in eager
+    mode, which saves the custom-op dispatch."""
+    backend = get_backend()
+    if backend == "reference" or x.device.type != "cpu" or packed.device.type != "cpu":
+        q, s = _quantize_reference(x)
+        return reference.ternary_matmul(q, packed, n, k, s, sw, bias)
+    x, packed, sw = x.contiguous(), packed.contiguous(), sw.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    m = x.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    rc = _lib.tk_ternary_linear(
+        _native.NATIVE_IDS[backend], x.data_ptr(), packed.data_ptr(), sw.data_ptr(), sw.numel() != 1,
+        None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads(),
+    )
+    if rc != 0:
+        _raise(backend, rc)
+    return y
+
+
+@torch.library.custom_op("tritium::ternary_linear", mutates_args=())
+def _ternary_linear_op(x: Tensor, packed: Tensor, n: int, k: int, sw: Tensor, bias: Tensor | None) -> Tensor:
+    return _ternary_linear_impl(x, packed, n, k, sw, bias)
+
+
+@_ternary_linear_op.register_fake
+def _(x: Tensor, packed: Tensor, n: int, k: int, sw: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def _check_x(x: Tensor, fn: str) -> None:
+    if not isinstance(x, Tensor) or x.dtype != torch.float32 or x.dim() != 2:
+        desc = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{fn}: x must be a 2-D float32 tensor (M, K), got {desc}")
+    if x.shape[1] > MAX_K:
+        raise ValueError(f"{fn}: K={x.shape[1]} exceeds {MAX_K}")
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token 8-bit quantization of float32 ``x`` ``(M, K)``: int8 ``q`` ``(M, K)``, float32 ``s`` ``(M,)``.
+
+    Bit-identical to ``tritium.quant.quantize_act(x, 8)`` (which defines it) on every backend, except that
+    ``q`` is 0 in a row whose scale is NaN or inf. Raises TypeError for a non-float32 or non-2-D ``x``.
+    """
+    _check_x(x, "quantize_rows")
+    return _quantize_rows_op(x)
+
+
+def ternary_linear(
+    x: Tensor, packed: Tensor, n: int, k: int, sw: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """``ternary_matmul(q, packed, n, k, s, sw, bias)`` with ``q, s = quantize_rows(x)``, fused in one call.
+
+    ``x`` float32 ``(M, k)``; the other arguments as in `ternary_matmul`. Bit-identical to the composition.
+    """
+    _check_x(x, "ternary_linear")
+    n, k = int(n), int(k)
+    if n < 0 or k < 0 or x.shape[1] != k:
+        raise ValueError(f"ternary_linear: x has {x.shape[1]} columns, expected k={k} (and n={n} >= 0)")
+    dev = x.device
+    _check(packed, "packed", torch.uint8, (n * ((k + 3) // 4),), dev)
+    _check(sw, "sw", torch.float32, (1, n), dev)
+    if bias is not None:
+        _check(bias, "bias", torch.float32, (n,), dev)
+        bias = bias.reshape(n)
+    return _ternary_linear_op(x, packed.reshape(n, (k + 3) // 4), n, k, sw.reshape(-1), bias)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 NAME = "_tritium_kernels"
 NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2, "amx": 3}
+ABI_VERSION = 2
 
 
 def _candidates() -> list[Path]:
@@ -31,14 +32,22 @@ def load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(paths[0]))
         lib.tk_supported.restype = ctypes.c_int
         lib.tk_abi_version.restype = ctypes.c_int
-        fn = lib.tk_ternary_matmul
+        if lib.tk_abi_version() != ABI_VERSION:
+            return None, f"{paths[0]} has ABI version {lib.tk_abi_version()}, expected {ABI_VERSION} (rebuild it)"
+        fns = lib.tk_ternary_matmul, lib.tk_quantize_rows, lib.tk_ternary_linear, lib.tk_test_fail_task_allocs
     except (OSError, AttributeError) as e:
         return None, f"cannot load {paths[0]}: {e}"
-    if lib.tk_abi_version() != 1:
-        return None, f"{paths[0]} has ABI version {lib.tk_abi_version()}, expected 1"
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, p, p, p, p, ctypes.c_int, p, p, i64, i64, i64, ctypes.c_int]
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    argtypes = (
+        [i32, p, p, p, p, i32, p, p, i64, i64, i64, i32],  # tk_ternary_matmul
+        [i32, p, p, p, i64, i64, i32],  # tk_quantize_rows
+        [i32, p, p, p, i32, p, p, i64, i64, i64, i32],  # tk_ternary_linear
+        [i32],  # tk_test_fail_task_allocs
+    )
+    for fn, args in zip(fns, argtypes, strict=True):
+        fn.restype = ctypes.c_int
+        fn.argtypes = args
+    lib.tk_test_fail_task_allocs.restype = None
     return lib, ""
 
 

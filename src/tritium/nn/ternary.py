@@ -16,7 +16,8 @@ class TernaryLinear(nn.Module):
 
     Computes exactly what an eval-mode ternary `BitLinear` computes: parameter-free input norm,
     per-token 8-bit activation quantization, ``y = (q_x @ q_w^T) * (s_x * s_w) + bias``. The product is
-    computed by `tritium.kernels.ternary_matmul` in float32; for a float32 input the output is bit-identical
+    computed by `tritium.kernels.ternary_linear` (quantizer and matmul fused in one native call) in float32;
+    for a float32 input the output is bit-identical
     to the `BitLinear` output. A bf16/fp16 input is upcast, the layer computes in float32 and the output
     is rounded to the input dtype: it equals the float32 `BitLinear` output on the upcast input, rounded.
 
@@ -89,16 +90,20 @@ class TernaryLinear(nn.Module):
                 f"TernaryLinear: expected a floating-point input with last dimension {k}, "
                 f"got {x.dtype} of shape {tuple(x.shape)}"
             )
-        lead = x.shape[:-1]
-        xf = quant.input_norm(x.float(), self.norm)
-        q, s = quant.quantize_act(xf, ACT_BITS)
-        if q.numel() == 0:
-            return x.new_zeros(*lead, n)
-        y = kernels.ternary_matmul(
-            q.reshape(-1, k).to(torch.int8), self.weight_packed, n, k, s.reshape(-1),
-            self.weight_scale, self.bias,
-        )
-        return y.reshape(*lead, n).to(x.dtype)
+        xf = quant.input_norm(x.float(), self.norm)  # .float() is free for a float32 input
+        if xf.dim() != 2:
+            xf = xf.reshape(-1, k)
+        if xf.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], n)
+        # quantize_act(xf, 8) + ternary_matmul in one native call, bit-identical to the composition; in
+        # eager mode the op's implementation is called directly (saves the custom-op dispatch at decode).
+        if torch.compiler.is_compiling():
+            y = torch.ops.tritium.ternary_linear(xf, self.weight_packed, n, k, self.weight_scale, self.bias)
+        else:
+            y = kernels._ternary_linear_impl(xf, self.weight_packed, n, k, self.weight_scale, self.bias)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], n)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):
         keep = {name: getattr(self, name) for name in ("weight_scale", "bias")}

@@ -13,7 +13,13 @@
  *
  * The AMX backend decodes a panel of 16 weight rows once into the tile layout B[p][16 rows][4 codes]
  * (p = packed byte index) and reuses it for up to 512 activation rows (TDPBSUD: signed x unsigned).
+ *
+ * The activation quantizer (tk_quantize_rows, and fused with the matmul in tk_ternary_linear) reproduces
+ * tritium.quant.quantize_act(x, 8) bit for bit on float32 rows: s = max(absmax(x), 1e-5f) / 127.0f,
+ * q = round_half_even(x / s) with an IEEE division per element. A row whose absmax is not finite (NaN or
+ * inf) gets s = NaN or inf and q = 0 (the token's output is NaN either way).
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -39,11 +45,18 @@ enum { BACKEND_GENERIC = 0, BACKEND_AVX2 = 1, BACKEND_AVX512 = 2, BACKEND_AMX = 
 
 typedef void (*task_fn)(const void *ctx, int64_t task);
 
+/* Synchronization: a job is published under `lock` (fields, then generation + 1, then a broadcast on
+ * `wake`); a worker takes a consistent snapshot of the job under `lock` when it sees a new generation, so
+ * it never mixes the fields of two jobs, and it takes part only if its id is below that job's `workers`.
+ * `pending` counts the taking-part workers that have not finished; the last one signals `done` under
+ * `lock`. Each wait is a predicate loop under `lock` (spurious wakeups and a wakeup that races with the
+ * predicate are harmless). `call` serializes concurrent callers; around fork() both mutexes are held so
+ * that the child starts from a quiescent pool (its worker threads do not survive and are recreated). */
 static struct {
     pthread_mutex_t call;  /* one job at a time */
-    pthread_mutex_t lock;
+    pthread_mutex_t lock;  /* guards the job fields below and the two condition variables */
     pthread_cond_t wake, done;
-    int started;           /* worker threads running */
+    int started;           /* worker threads running (guarded by call) */
     atomic_int generation; /* bumped for each job */
     atomic_int pending;    /* workers still busy with the current job */
     atomic_long next;      /* next task index */
@@ -76,27 +89,38 @@ static void *worker_main(void *arg) {
     int id = (int)(intptr_t)arg;
     int seen = start_generation[id];
     for (;;) {
-        int g = atomic_load(&pool.generation);
-        for (int s = 0; g == seen && s < SPIN_ITERS; s++) {
+        for (int s = 0; atomic_load_explicit(&pool.generation, memory_order_relaxed) == seen && s < SPIN_ITERS; s++)
             cpu_relax();
-            g = atomic_load(&pool.generation);
-        }
-        if (g == seen) {
-            pthread_mutex_lock(&pool.lock);
-            while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-            pthread_mutex_unlock(&pool.lock);
-        }
+        pthread_mutex_lock(&pool.lock);
+        int g;
+        while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        /* Snapshot of job g: consistent, because jobs are published under the lock. */
+        int part = id < pool.workers;
+        task_fn fn = pool.fn;
+        const void *ctx = pool.ctx;
+        int64_t ntasks = pool.ntasks;
+        pthread_mutex_unlock(&pool.lock);
         seen = g;
-        if (id < pool.workers) {
-            run_tasks(pool.fn, pool.ctx, pool.ntasks);
-            if (atomic_fetch_sub(&pool.pending, 1) == 1) {
-                pthread_mutex_lock(&pool.lock);
-                pthread_cond_signal(&pool.done);
-                pthread_mutex_unlock(&pool.lock);
-            }
+        if (!part) continue;
+        /* Job g cannot finish (nor a later one start) before this worker decrements pending. */
+        run_tasks(fn, ctx, ntasks);
+        if (atomic_fetch_sub(&pool.pending, 1) == 1) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
         }
     }
     return NULL;
+}
+
+static void before_fork(void) {
+    pthread_mutex_lock(&pool.call); /* no job in flight */
+    pthread_mutex_lock(&pool.lock); /* no worker inside a critical section */
+}
+
+static void after_fork_parent(void) {
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.call);
 }
 
 static void after_fork_child(void) {
@@ -106,10 +130,12 @@ static void after_fork_child(void) {
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.started = 0;
+    pool.workers = 0;
+    atomic_store(&pool.pending, 0);
 }
 
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
-static void install_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork_child); }
+static void install_fork_handler(void) { pthread_atfork(before_fork, after_fork_parent, after_fork_child); }
 
 /* Run fn(ctx, t) for t in [0, ntasks) on up to nthreads threads (the caller included). */
 static void parallel_for(task_fn fn, const void *ctx, int64_t ntasks, int nthreads) {
@@ -133,15 +159,15 @@ static void parallel_for(task_fn fn, const void *ctx, int64_t ntasks, int nthrea
         pool.started++;
     }
     int workers = nthreads - 1 < pool.started ? nthreads - 1 : pool.started;
+    pthread_mutex_lock(&pool.lock);
     pool.fn = fn;
     pool.ctx = ctx;
     pool.ntasks = ntasks;
     pool.workers = workers;
     atomic_store(&pool.next, 0);
     atomic_store(&pool.pending, workers);
-    pthread_mutex_lock(&pool.lock);
     atomic_fetch_add(&pool.generation, 1);
-    pthread_cond_broadcast(&pool.wake);
+    if (workers > 0) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
     run_tasks(fn, ctx, ntasks);
     for (int s = 0; atomic_load(&pool.pending) != 0 && s < SPIN_ITERS; s++) cpu_relax();
@@ -151,6 +177,16 @@ static void parallel_for(task_fn fn, const void *ctx, int64_t ntasks, int nthrea
         pthread_mutex_unlock(&pool.lock);
     }
     pthread_mutex_unlock(&pool.call);
+}
+
+/* Allocation inside a task; a failure sets the job's error flag (tasks cannot return errors). The test
+ * hook tk_test_fail_task_allocs(n) makes the next n such allocations fail. */
+static atomic_int fail_task_allocs;
+
+static void *task_alloc(size_t size) {
+    if (atomic_load_explicit(&fail_task_allocs, memory_order_relaxed) > 0 && atomic_fetch_sub(&fail_task_allocs, 1) > 0)
+        return NULL;
+    return aligned_alloc(64, (size + 63) / 64 * 64);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -170,7 +206,48 @@ typedef struct {
     int32_t *xsum;      /* activation row sums */
     int64_t bm, bn;     /* task block sizes along M and N */
     int64_t tm;         /* number of task blocks along M */
+    const float *xf;    /* fused quantization: float32 input (M, K), quantized into x and sxw; else NULL */
+    int8_t *xq;         /* = x, writable (fused quantization) */
+    float *sxw;         /* = sx, writable (fused quantization) */
+    float (*quant)(const float *x, int8_t *q, int64_t K); /* row quantizer of the backend */
+    atomic_int *failed; /* set by a task whose allocation failed */
 } job_t;
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Per-token int8 activation quantizer, bit-exact with tritium.quant.quantize_act(x, 8):             */
+/* s = max(absmax, 1e-5f) / 127.0f, q = round_half_even(x / s). absmax is the integer maximum of the  */
+/* sign-cleared bit patterns: for finite values that orders like |x|, and NaN patterns sort above inf. */
+
+#define FINITE_LIMIT 0x7f800000u /* bits of +inf */
+
+static float row_scale(uint32_t absbits) {
+    float a;
+    if (absbits > FINITE_LIMIT) return NAN;
+    memcpy(&a, &absbits, 4);
+    return (a > 1e-5f ? a : 1e-5f) / 127.0f; /* float32 ops, in quant.py's order */
+}
+
+static float quant_row_generic(const float *x, int8_t *q, int64_t K) {
+    uint32_t mx = 0;
+    for (int64_t k = 0; k < K; k++) {
+        uint32_t b;
+        memcpy(&b, x + k, 4);
+        b &= 0x7fffffffu;
+        mx = b > mx ? b : mx;
+    }
+    float s = row_scale(mx);
+    if (mx >= FINITE_LIMIT) {
+        memset(q, 0, (size_t)K);
+        return s;
+    }
+    for (int64_t k = 0; k < K; k++) q[k] = (int8_t)(int)nearbyintf(x[k] / s); /* |x / s| <= 127 */
+    return s;
+}
+
+static void quant_task(const void *ctx, int64_t m) {
+    const job_t *j = ctx;
+    j->sxw[m] = j->quant(j->xf + m * j->K, j->xq + m * j->K, j->K);
+}
 
 AI void store(const job_t *j, int64_t m, int64_t n, int32_t acc) {
     float s = j->sx[m] * j->sw[j->sw_per_channel ? n : 0];
@@ -182,6 +259,7 @@ AI void store(const job_t *j, int64_t m, int64_t n, int32_t acc) {
 /* Activation permutation and row sums, one task per row. */
 static void prep_task(const void *ctx, int64_t m) {
     const job_t *j = ctx;
+    if (j->xf) quant_task(ctx, m);
     const int8_t *x = j->x + m * j->K;
     int8_t *xp = j->xp + m * j->kp;
     int64_t K = j->K, full = K / 4;
@@ -239,8 +317,11 @@ static void generic_task(const void *ctx, int64_t t) {
     int64_t n0 = (t / j->tm) * j->bn, n1 = n0 + j->bn < j->N ? n0 + j->bn : j->N;
     int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
     int64_t K = j->K, kb = j->kb;
-    int8_t *tile = malloc((size_t)(GEN_TILE * kb * 4));
-    if (!tile) return;
+    int8_t *tile = task_alloc((size_t)(GEN_TILE * kb * 4));
+    if (!tile) {
+        atomic_store(j->failed, 1);
+        return;
+    }
     for (int64_t nt = n0; nt < n1; nt += GEN_TILE) {
         int64_t rows = n1 - nt < GEN_TILE ? n1 - nt : GEN_TILE;
         for (int64_t r = 0; r < rows; r++) {
@@ -462,6 +543,85 @@ T256 static void avx2_task(const void *ctx, int64_t t) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Activation quantizers (see quant_row_generic): exact IEEE division, round half to even.           */
+
+T512 static float quant_row512(const float *x, int8_t *q, int64_t K) {
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+    __m512i mx0 = _mm512_setzero_si512(), mx1 = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        mx0 = _mm512_max_epu32(mx0, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + k)), absm));
+        mx1 = _mm512_max_epu32(mx1, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + k + 16)), absm));
+    }
+    for (; k < K; k += 16) {
+        __mmask16 lm = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        mx0 = _mm512_max_epu32(mx0, _mm512_and_si512(_mm512_maskz_loadu_epi32(lm, x + k), absm));
+    }
+    uint32_t mx = (uint32_t)_mm512_reduce_max_epu32(_mm512_max_epu32(mx0, mx1));
+    float s = row_scale(mx);
+    if (mx >= FINITE_LIMIT) {
+        memset(q, 0, (size_t)K);
+        return s;
+    }
+    const __m512 sv = _mm512_set1_ps(s);
+    for (k = 0; k + 16 <= K; k += 16) {
+        __m512 d = _mm512_div_ps(_mm512_loadu_ps(x + k), sv);
+        __m512i i = _mm512_cvt_roundps_epi32(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(i));
+    }
+    if (k < K) {
+        __mmask16 lm = (__mmask16)((1u << (K - k)) - 1);
+        __m512 d = _mm512_div_ps(_mm512_maskz_loadu_ps(lm, x + k), sv);
+        __m512i i = _mm512_cvt_roundps_epi32(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_mask_cvtsepi32_storeu_epi8(q + k, lm, i);
+    }
+    return s;
+}
+
+T256 static float quant_row256(const float *x, int8_t *q, int64_t K) {
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff);
+    __m256i mx0 = _mm256_setzero_si256(), mx1 = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        mx0 = _mm256_max_epu32(mx0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + k)), absm));
+        mx1 = _mm256_max_epu32(mx1, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + k + 8)), absm));
+    }
+    mx0 = _mm256_max_epu32(mx0, mx1);
+    __m128i m4 = _mm_max_epu32(_mm256_castsi256_si128(mx0), _mm256_extracti128_si256(mx0, 1));
+    m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0x4E));
+    m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0xB1));
+    uint32_t mx = (uint32_t)_mm_cvtsi128_si32(m4);
+    for (; k < K; k++) {
+        uint32_t b;
+        memcpy(&b, x + k, 4);
+        b &= 0x7fffffffu;
+        mx = b > mx ? b : mx;
+    }
+    float s = row_scale(mx);
+    if (mx >= FINITE_LIMIT) {
+        memset(q, 0, (size_t)K);
+        return s;
+    }
+    const __m256 sv = _mm256_set1_ps(s);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (k = 0; k + 32 <= K; k += 32) {
+        __m256i i[4];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            __m256 d = _mm256_div_ps(_mm256_loadu_ps(x + k + 8 * u), sv);
+            i[u] = _mm256_cvttps_epi32(_mm256_round_ps(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(b, order));
+    }
+    for (; k < K; k++) {
+        __m128 d = _mm_set_ss(x[k] / s);
+        q[k] = (int8_t)_mm_cvttss_si32(_mm_round_ss(d, d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    return s;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* AMX (M >= AMX_MIN_M): a panel of 16 weight rows is decoded once to the VNNI tile layout           */
 /* B[p][16 rows][4 codes] (p = packed byte index) and multiplied with 16-row activation tiles by      */
 /* TDPBSUD (signed activations x unsigned codes).                                                   */
@@ -522,11 +682,11 @@ TAMX static void amx_task(const void *ctx, int64_t t) {
     int64_t n0 = (t / j->tm) * j->bn;
     int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
     int64_t prows = j->kp / 4, kt = j->kp / 64; /* B rows per panel, k tiles */
-    uint8_t *B = aligned_alloc(64, (size_t)(2 * prows * 64));
-    int32_t *C = aligned_alloc(64, 32 * 32 * sizeof(int32_t));
+    uint8_t *B = task_alloc((size_t)(2 * prows * 64));
+    int32_t *C = B ? task_alloc(32 * 32 * sizeof(int32_t)) : NULL;
     if (!B || !C) {
         free(B);
-        free(C);
+        atomic_store(j->failed, 1);
         return;
     }
     int two = n0 + 16 < j->N;
@@ -576,12 +736,17 @@ TAMX static void amx_task(const void *ctx, int64_t t) {
 static void prep_plain_task(const void *ctx, int64_t m) {
     const job_t *j = ctx;
     int8_t *dst = j->xp + m * j->xs;
-    memset(dst, 0, (size_t)j->xs);
-    if (m >= j->M) return;
-    const int8_t *x = j->x + m * j->K;
+    if (m >= j->M) {
+        memset(dst, 0, (size_t)j->xs);
+        return;
+    }
+    memset(dst + j->K, 0, (size_t)(j->xs - j->K));
+    if (j->xf)
+        j->sxw[m] = j->quant(j->xf + m * j->K, dst, j->K);
+    else
+        memcpy(dst, j->x + m * j->K, (size_t)j->K);
     int32_t sum = 0;
-    memcpy(dst, x, (size_t)j->K);
-    for (int64_t k = 0; k < j->K; k++) sum += x[k];
+    for (int64_t k = 0; k < j->K; k++) sum += dst[k];
     j->xsum[m] = sum;
 }
 #endif /* __x86_64__ */
@@ -613,72 +778,146 @@ API int tk_supported(void) {
     return mask;
 }
 
-API int tk_abi_version(void) { return 1; }
+API int tk_abi_version(void) { return 2; }
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-/* y (M, N) = ternary_matmul(x (M, K) int8, w packed (N, ceil(K/4)), sx (M,), sw (N,) or (1,), bias).
- * Returns 0 on success, -1 for an unsupported backend, -2 when out of memory, -3 for bad sizes. */
-API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const float *sx, const float *sw,
-                          int sw_per_channel, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
-                          int nthreads) {
-    if (backend < 0 || backend > 3 || !(tk_supported() & (1 << backend))) return -1;
-    if (M < 0 || N < 0 || K < 0 || K > (1 << 17)) return -3;
-    if (M == 0 || N == 0) return 0;
-    if (nthreads < 1) nthreads = 1;
-    job_t j = {x, w, sx, sw, bias, y, M, N, K, ceil_div(K, 4), ceil_div(K, 256) * 256, 0, sw_per_channel,
-               NULL, NULL, 0, 0, 0};
+typedef float (*quant_fn)(const float *x, int8_t *q, int64_t K);
+
+static quant_fn quantizer(int backend) {
+#if defined(__x86_64__)
+    if (backend == BACKEND_AVX512 || backend == BACKEND_AMX) return quant_row512;
+    if (backend == BACKEND_AVX2) return quant_row256;
+#endif
+    (void)backend;
+    return quant_row_generic;
+}
+
+/* Threads for a pass over M rows of K: small inputs stay on the calling thread. */
+static int row_threads(int64_t M, int64_t K, int nthreads) { return M * K >= (1 << 16) ? nthreads : 1; }
+
+/* The matmul of a prepared job (j->x, j->sx set, or j->xf for fused quantization into j->xq / j->sxw). */
+static int run_matmul(job_t *j, int backend, int nthreads) {
+    int64_t M = j->M, N = j->N, K = j->K;
+    atomic_int failed = 0;
+    j->failed = &failed;
+    j->quant = quantizer(backend);
     /* Blocks: a weight panel of bn rows (kept in L2) is reused by bm activation rows. */
-    j.bm = M == 1 ? 1 : (M + 95) / 96 > 1 ? 96 : M;
-    j.tm = ceil_div(M, j.bm);
+    j->bm = M == 1 ? 1 : (M + 95) / 96 > 1 ? 96 : M;
+    j->tm = ceil_div(M, j->bm);
     int64_t want = (int64_t)nthreads * 8; /* tasks to balance noisy cores */
-    int64_t bn = ceil_div(N, ceil_div(want, j.tm));
+    int64_t bn = ceil_div(N, ceil_div(want, j->tm));
     bn = ceil_div(bn, 16) * 16;
     if (M > 1 && bn > 64) bn = 64;
-    j.bn = bn;
-    int64_t ntasks = ceil_div(N, bn) * j.tm;
+    j->bn = bn;
+    int64_t ntasks = ceil_div(N, bn) * j->tm;
+#if defined(__x86_64__)
+    if (!(backend == BACKEND_AMX && M >= AMX_MIN_M))
+#endif
+    if (j->xf) { /* fused quantization into natural int8 rows (AMX quantizes straight into its layout) */
+        j->xq = aligned_alloc(64, (size_t)ceil_div(M * K, 64) * 64);
+        if (!j->xq) return -2;
+        j->x = j->xq;
+    }
     if (backend == BACKEND_GENERIC && M >= GEN_DIRECT_M) {
-        parallel_for(generic_task, &j, ntasks, nthreads);
-        return 0;
+        if (j->xf) parallel_for(quant_task, j, M, row_threads(M, K, nthreads));
+        parallel_for(generic_task, j, ntasks, nthreads);
+        free(j->xq);
+        return atomic_load(&failed) ? -2 : 0;
     }
 #if defined(__x86_64__)
     if (backend == BACKEND_AMX && M >= AMX_MIN_M) {
-        j.kp = ceil_div(K, 64) * 64;
-        j.xs = j.kp + 64;
-        j.bm = AMX_BM;
-        j.tm = ceil_div(M, j.bm);
-        j.bn = AMX_BN;
+        j->kp = ceil_div(K, 64) * 64;
+        j->xs = j->kp + 64;
+        j->bm = AMX_BM;
+        j->tm = ceil_div(M, j->bm);
+        j->bn = AMX_BN;
         int64_t mp = ceil_div(M, 32) * 32;
-        j.xp = aligned_alloc(64, (size_t)(mp * j.xs));
-        j.xsum = malloc((size_t)M * sizeof(int32_t));
-        if (!j.xp || !j.xsum) {
-            free(j.xp);
-            free(j.xsum);
+        j->xp = aligned_alloc(64, (size_t)(mp * j->xs));
+        j->xsum = malloc((size_t)M * sizeof(int32_t));
+        if (!j->xp || !j->xsum) {
+            free(j->xp);
+            free(j->xsum);
             return -2;
         }
-        parallel_for(prep_plain_task, &j, mp, M * K >= (1 << 16) ? nthreads : 1);
-        parallel_for(amx_task, &j, ceil_div(N, j.bn) * j.tm, nthreads);
-        free(j.xp);
-        free(j.xsum);
-        return 0;
+        parallel_for(prep_plain_task, j, mp, row_threads(M, K, nthreads));
+        parallel_for(amx_task, j, ceil_div(N, j->bn) * j->tm, nthreads);
+        free(j->xp);
+        free(j->xsum);
+        return atomic_load(&failed) ? -2 : 0;
     }
     if (backend == BACKEND_AMX) backend = BACKEND_AVX512;
 #endif
-    j.xp = aligned_alloc(64, (size_t)(M * j.kp));
-    j.xsum = malloc((size_t)M * sizeof(int32_t));
-    if (!j.xp || !j.xsum) {
-        free(j.xp);
-        free(j.xsum);
+    j->xp = aligned_alloc(64, (size_t)(M * j->kp));
+    j->xsum = malloc((size_t)M * sizeof(int32_t));
+    if (!j->xp || !j->xsum) {
+        free(j->xp);
+        free(j->xsum);
+        free(j->xq);
         return -2;
     }
-    parallel_for(prep_task, &j, M, M * K >= (1 << 16) ? nthreads : 1);
+    parallel_for(prep_task, j, M, row_threads(M, K, nthreads));
 #if defined(__x86_64__)
     if (backend != BACKEND_GENERIC)
-        parallel_for(backend == BACKEND_AVX512 ? avx512_task : avx2_task, &j, ntasks, nthreads);
+        parallel_for(backend == BACKEND_AVX512 ? avx512_task : avx2_task, j, ntasks, nthreads);
     else
 #endif
-        parallel_for(generic_direct_task, &j, ntasks, nthreads);
-    free(j.xp);
-    free(j.xsum);
+        parallel_for(generic_direct_task, j, ntasks, nthreads);
+    free(j->xp);
+    free(j->xsum);
+    free(j->xq);
+    return atomic_load(&failed) ? -2 : 0;
+}
+
+static int check_args(int backend, int64_t M, int64_t N, int64_t K) {
+    if (backend < 0 || backend > 3 || !(tk_supported() & (1 << backend))) return -1;
+    if (M < 0 || N < 0 || K < 0 || K > (1 << 17)) return -3;
     return 0;
 }
+
+/* y (M, N) = ternary_matmul(x (M, K) int8, w packed (N, ceil(K/4)), sx (M,), sw (N,) or (1,), bias).
+ * Returns 0 on success, -1 for an unsupported backend, -2 when out of memory (then y is incomplete),
+ * -3 for bad sizes. */
+API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const float *sx, const float *sw,
+                          int sw_per_channel, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                          int nthreads) {
+    int rc = check_args(backend, M, N, K);
+    if (rc || M == 0 || N == 0) return rc;
+    job_t j = {x, w, sx, sw, bias, y, M, N, K, ceil_div(K, 4), ceil_div(K, 256) * 256, 0, sw_per_channel};
+    return run_matmul(&j, backend, nthreads < 1 ? 1 : nthreads);
+}
+
+/* q (M, K) int8 and s (M,) float32 = quantize_act(x (M, K) float32, 8), bit-exact (q = 0 where s is not
+ * finite). Returns 0, or -1 / -3 as tk_ternary_matmul. */
+API int tk_quantize_rows(int backend, const float *x, int8_t *q, float *s, int64_t M, int64_t K, int nthreads) {
+    int rc = check_args(backend, M, 0, K);
+    if (rc || M == 0) return rc;
+    job_t j = {0};
+    j.K = K;
+    j.xf = x;
+    j.xq = q;
+    j.sxw = s;
+    j.quant = quantizer(backend);
+    parallel_for(quant_task, &j, M, row_threads(M, K, nthreads < 1 ? 1 : nthreads));
+    return 0;
+}
+
+/* y (M, N) = ternary_matmul(quantize_rows(x (M, K) float32), w, sw, bias): the quantizer fused with the
+ * matmul (the int8 rows go straight into the kernel's activation layout). Return codes as
+ * tk_ternary_matmul. */
+API int tk_ternary_linear(int backend, const float *x, const uint8_t *w, const float *sw, int sw_per_channel,
+                          const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    int rc = check_args(backend, M, N, K);
+    if (rc || M == 0 || N == 0) return rc;
+    float *sx = malloc((size_t)M * sizeof(float));
+    if (!sx) return -2;
+    job_t j = {NULL, w, sx, sw, bias, y, M, N, K, ceil_div(K, 4), ceil_div(K, 256) * 256, 0, sw_per_channel};
+    j.xf = x;
+    j.sxw = sx;
+    rc = run_matmul(&j, backend, nthreads < 1 ? 1 : nthreads);
+    free(sx);
+    return rc;
+}
+
+/* Test hook: the next n allocations inside pool tasks fail (n = 0 turns failures off). */
+API void tk_test_fail_task_allocs(int n) { atomic_store(&fail_task_allocs, n); }
