@@ -199,3 +199,266 @@ def test_quick_bench_runs(tmp_path) -> None:
     assert saved == json.loads(json.dumps(result))
     assert len(saved["rows"]) == 2 and saved["bandwidth_gb_s"] > 0
     assert all(r["tritium_ms"] > 0 for r in saved["rows"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# The activation quantizer (definition: tritium.quant.quantize_act) and the fused ternary_linear.
+
+
+def _assert_quant_equal(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, where) -> None:
+    """``(q, s)`` is bit-identical to ``quant.quantize_act(x, 8)``; rows with a non-finite scale have q = 0."""
+    from tritium import quant
+
+    rq, rs = quant.quantize_act(x, 8)
+    rs = rs.reshape(-1)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.shape == x.shape and s.shape == rs.shape
+    assert torch.equal(s.isnan(), rs.isnan()), where
+    fin = rs.isfinite()
+    assert torch.equal(s[~rs.isnan()], rs[~rs.isnan()]), where  # inf rows included
+    assert torch.equal(q[fin], rq[fin].to(torch.int8)), where
+    assert not q[~fin].any(), where
+
+
+def _act_rows(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random rows spanning 1e-40 (denormal, below the 1e-5 clamp) to 1e37, plus special rows."""
+    scales = 10.0 ** (torch.rand(m, 1, generator=gen) * 77 - 40)
+    x = torch.randn(m, k, generator=gen) * scales
+    if m >= 4:
+        x[1] = 0.0
+        x[2] = -0.0
+        x[3, : k // 2] = 1e-5  # absmax exactly at the clamp
+    return x
+
+
+QUANT_SHAPES = [(1, 1), (1, 7), (1, 4096), (1, 4101), (2, 15), (3, 17), (4, 63), (5, 65), (9, 100), (13, 257),
+                (40, 1000), (130, 513), (3, 3000), (0, 17), (6, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_rows_bit_exact(backend: str) -> None:
+    K.set_backend(backend)
+    gen = torch.Generator().manual_seed(11)
+    for m, k in QUANT_SHAPES:
+        x = _act_rows(m, k, gen)
+        q, s = K.quantize_rows(x)
+        if k == 0:  # quantize_act cannot reduce an empty row: absmax is 0, so s = 1e-5 / 127
+            assert q.shape == (m, 0) and torch.equal(s, torch.full((m,), 1e-5) / 127)
+            continue
+        _assert_quant_equal(x, q, s, (backend, m, k))
+    # ties round half to even: absmax 127 gives s = 1 exactly
+    x = torch.tensor([[127.0, 2.5, -3.5, 0.5, -0.5, 1.5, 126.5, -126.5] * 3])
+    q, s = K.quantize_rows(x)
+    assert s.item() == 1.0 and q[0, :8].tolist() == [127, 2, -4, 0, 0, 2, 126, -126]
+    _assert_quant_equal(x, q, s, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_rows_nan_inf_and_huge(backend: str) -> None:
+    K.set_backend(backend)
+    gen = torch.Generator().manual_seed(12)
+    for k in (1, 16, 31, 64, 77, 1000):
+        x = torch.randn(6, k, generator=gen)
+        x[1, k // 2] = float("nan")
+        x[2, k - 1] = float("inf")
+        x[3] *= 3e38 / x[3].abs().max()  # near FLT_MAX
+        x[4, 0] = -float("inf")
+        x[4, k - 1] = float("nan")
+        q, s = K.quantize_rows(x)
+        assert s[1].isnan() and s[4].isnan() and s[2].isinf()
+        assert not q[1].any() and not q[2].any() and not q[4].any()
+        _assert_quant_equal(x, q, s, (backend, k))
+        clean = K.quantize_rows(x[[0, 3, 5]])  # the other rows are unaffected by the bad ones
+        assert torch.equal(clean[0], q[[0, 3, 5]]) and torch.equal(clean[1], s[[0, 3, 5]])
+
+
+def _composition(x, packed, n, k, sw, bias):
+    from tritium import quant
+
+    q, s = quant.quantize_act(x, 8)
+    return reference.ternary_matmul(q.to(torch.int8), packed, n, k, s.reshape(-1), sw, bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ternary_linear_matches_composition(backend: str) -> None:
+    gen = torch.Generator().manual_seed(13)
+    for i, (m, n, k) in enumerate([(1, 33, 255), (1, 64, 4101), (2, 70, 100), (7, 17, 129), (9, 20, 300),
+                                   (20, 48, 2048), (33, 100, 65), (130, 19, 257), (0, 8, 64), (3, 0, 64)]):
+        q = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+        x = _act_rows(m, k, gen)
+        packed = K.pack(q)
+        sw = torch.rand(1 if i % 2 else n, generator=gen) + 0.5
+        bias = torch.randn(n, generator=gen) if i % 3 else None
+        want = _composition(x, packed, n, k, sw, bias)
+        K.set_backend(backend)
+        got = K.ternary_linear(x, packed, n, k, sw, bias)
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        assert torch.equal(got, want), (backend, m, n, k)
+        qx, sx = K.quantize_rows(x)
+        assert torch.equal(got, K.ternary_matmul(qx, packed, n, k, sx, sw, bias)), (backend, m, n, k)
+    x = torch.randn(4, 40, generator=gen)
+    x[2, 3] = float("nan")
+    y = K.ternary_linear(x, K.pack(torch.ones(5, 40, dtype=torch.int8)), 5, 40, torch.ones(1))
+    assert y[2].isnan().all() and not y[[0, 1, 3]].isnan().any()
+
+
+def test_ternary_linear_validation_and_non_contiguous() -> None:
+    gen = torch.Generator().manual_seed(14)
+    q = torch.randint(-1, 2, (10, 40), generator=gen, dtype=torch.int8)
+    packed, sw, x = K.pack(q), torch.rand(10, generator=gen), torch.randn(6, 40, generator=gen)
+    xt = x.t().contiguous().t()
+    assert not xt.is_contiguous()
+    assert torch.equal(K.ternary_linear(xt, packed, 10, 40, sw), K.ternary_linear(x, packed, 10, 40, sw))
+    assert torch.equal(K.quantize_rows(xt)[0], K.quantize_rows(x)[0])
+    with pytest.raises(TypeError, match="float32"):
+        K.ternary_linear(x.double(), packed, 10, 40, sw)
+    with pytest.raises(TypeError, match="float32"):
+        K.quantize_rows(x.to(torch.int8))
+    with pytest.raises(ValueError, match="columns"):
+        K.ternary_linear(x, packed, 10, 41, sw)
+    with pytest.raises(ValueError, match="packed"):
+        K.ternary_linear(x, packed[:5], 10, 40, sw)
+    with pytest.raises(ValueError, match="bias"):
+        K.ternary_linear(x, packed, 10, 40, sw, torch.zeros(9))
+
+
+def test_ternary_linear_compile_and_inference_mode() -> None:
+    gen = torch.Generator().manual_seed(15)
+    q = torch.randint(-1, 2, (24, 70), generator=gen, dtype=torch.int8)
+    packed, sw, bias = K.pack(q), torch.rand(24, generator=gen), torch.randn(24, generator=gen)
+    x = torch.randn(4, 70, generator=gen)
+
+    def f(x):
+        qx, sx = K.quantize_rows(x)
+        return torch.relu(K.ternary_linear(x, packed, 24, 70, sw, bias)) * 2 + sx[:, None] * qx[:, :24]
+
+    qx, sx = K.quantize_rows(x)
+    want = torch.relu(_composition(x, packed, 24, 70, sw, bias)) * 2 + sx[:, None] * qx[:, :24]
+    with torch.inference_mode():
+        assert torch.equal(f(x), want)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), want)
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), want)
+    torch.library.opcheck(torch.ops.tritium.ternary_linear.default, (x, packed, 24, 70, sw, bias))
+    torch.library.opcheck(torch.ops.tritium.quantize_rows.default, (x,))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Robustness of the native library: allocation failures in pool workers, the pool under concurrency, fork.
+
+NATIVE = [b for b in BACKENDS if b != "reference"]
+
+
+@pytest.mark.skipif(not NATIVE, reason="compiled kernels unavailable")
+def test_worker_allocation_failure_raises() -> None:
+    """Tasks that allocate (generic with >= 8 rows, amx with >= 16 rows) report a failure: the call raises
+    MemoryError instead of returning a partly written output."""
+    gen = torch.Generator().manual_seed(16)
+    q, x, sx = _case(40, 64, 300, gen)
+    packed, sw = K.pack(q), torch.rand(64, generator=gen)
+    want = _independent(x, q, sx, sw, None)
+    xf = torch.randn(40, 300, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        for backend in [b for b in ("generic", "amx") if b in NATIVE]:
+            K.set_backend(backend)
+            for nthreads in (1, 2):
+                torch.set_num_threads(nthreads)
+                for fail in (1, 3):
+                    K._lib.tk_test_fail_task_allocs(fail)
+                    with pytest.raises(MemoryError, match=backend):
+                        K.ternary_matmul(x, packed, 64, 300, sx, sw)
+                    K._lib.tk_test_fail_task_allocs(fail)
+                    with pytest.raises(MemoryError):
+                        K.ternary_linear(xf, packed, 64, 300, sw)
+                    K._lib.tk_test_fail_task_allocs(0)
+                    assert torch.equal(K.ternary_matmul(x, packed, 64, 300, sx, sw), want)
+    finally:
+        K._lib.tk_test_fail_task_allocs(0)
+        torch.set_num_threads(threads)
+
+
+def _stress_cases(gen: torch.Generator):
+    cases = []
+    for i in range(24):  # few tasks per call, so that jobs often leave some pool workers out
+        m, n, k = 1 + i % 3, 16 * (1 + i % 5), 64 + 37 * (i % 4)
+        q = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+        x = torch.randn(m, k, generator=gen)
+        packed, sw = K.pack(q), torch.rand(n, generator=gen)
+        cases.append((x, packed, n, k, sw, _composition(x, packed, n, k, sw, None)))
+    return cases
+
+
+@pytest.mark.skipif(not NATIVE, reason="compiled kernels unavailable")
+def test_pool_concurrent_tiny_calls() -> None:
+    """Two Python threads make thousands of tiny multithreaded calls with varying thread counts (the pool's
+    worker count changes between jobs: a worker left out of one job must not take part in a later one
+    twice, which used to deadlock the caller). Every result is checked."""
+    import threading
+    import time
+
+    K.set_backend(NATIVE[0])
+    cases = _stress_cases(torch.Generator().manual_seed(17))
+    errors: list[object] = []
+    calls = [0, 0]
+    deadline = time.monotonic() + 2.0
+
+    def work(seed: int) -> None:
+        try:
+            it = 0
+            while time.monotonic() < deadline:
+                torch.set_num_threads(2 + (seed + it) % 3)
+                x, packed, n, k, sw, want = cases[(seed + 7 * it) % len(cases)]
+                if not torch.equal(K.ternary_linear(x, packed, n, k, sw), want):
+                    errors.append((seed, it))
+                    return
+                it += 1
+                calls[seed] = it
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads_before = torch.get_num_threads()
+    threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert not any(t.is_alive() for t in threads), f"kernel call hung after {calls} calls"
+    assert not errors, errors
+    assert min(calls) > 100, calls
+
+
+@pytest.mark.skipif(not NATIVE or not hasattr(__import__("os"), "fork"), reason="needs fork and native kernels")
+def test_pool_after_fork() -> None:
+    """A forked child (whose pool threads did not survive) gets a fresh pool and correct results."""
+    import os
+    import time
+
+    K.set_backend(NATIVE[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, packed, n, k, sw, want = _stress_cases(torch.Generator().manual_seed(18))[4]
+        assert torch.equal(K.ternary_linear(x, packed, n, k, sw), want)  # the pool is running
+        pid = os.fork()
+        if pid == 0:  # child: no pytest machinery, exit status only
+            ok = all(torch.equal(K.ternary_linear(x, packed, n, k, sw), want) for _ in range(50))
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("kernel call in a forked child hung")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert torch.equal(K.ternary_linear(x, packed, n, k, sw), want)  # and the parent's pool still works
+    finally:
+        torch.set_num_threads(threads)
