@@ -1,6 +1,7 @@
 """Summary tables and plots from result rows (dicts as in results.jsonl), reusable by task reports.
 
-Rows are grouped by ``group_by`` axes plus "precision"; cells show mean ± sample sd over seeds.
+Rows are grouped by ``group_by`` axes plus "precision"; cells show mean ± sample sd over seeds (the mean
+alone for one seed).
 Metrics with an "acc" word in their name (test_acc, test_acc_at_best_val) are fractions, shown in percent.
 """
 
@@ -68,7 +69,7 @@ def summary_table(rows: list[dict], group_by: tuple[str, ...], metric: str) -> s
                 continue
             m, s = mean_sd(vals)
             means.append(m * k)
-            cell = f"{m * k:.2f} ± {s * k:.2f}"
+            cell = f"{m * k:.2f} ± {s * k:.2f}" if len(vals) > 1 else f"{m * k:.2f}"
             cells.append(cell if len(counts) == 1 else f"{cell} (n={len(vals)})")
         if avg:
             cells.append(f"{statistics.fmean(means):.2f}" if len(means) == len(cols) else "")
@@ -89,8 +90,10 @@ def paper_comparison(rows: list[dict], group_by: tuple[str, ...], metric: str,
     for key in sorted(g, key=lambda t: (tuple(str(x) for x in t[:-1]), precision_order(t[-1]))):
         if key in published:
             m, s = mean_sd(g[key])
-            lines.append("| " + " | ".join([*(str(x) for x in key), f"{m * k:.2f} ± {s * k:.2f} (n={len(g[key])})",
-                                            f"{published[key]:.2f}", f"{m * k - published[key]:+.2f}"]) + " |")
+            n = len(g[key])
+            ours = f"{m * k:.2f} ± {s * k:.2f} (n={n})" if n > 1 else f"{m * k:.2f} (n=1)"
+            cells = [*(str(x) for x in key), ours, f"{published[key]:.2f}", f"{m * k - published[key]:+.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
