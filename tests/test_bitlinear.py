@@ -247,3 +247,18 @@ def test_torch_compile_no_graph_breaks():
     torch.testing.assert_close(out, eager)
     out.sum().backward()
     assert model[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("spec", ["1.58-absmedian", "1.58-absmean-group8", "4-absmax-channel"])
+def test_autocast_bf16_forward_backward(spec):
+    torch.manual_seed(9)
+    model = nn.Sequential(BitLinear(16, 32, config=parse_spec(spec)), nn.GELU(),
+                          BitLinear(32, 4, config=parse_spec(spec)))
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and model[0].weight.grad.dtype == torch.float32
+    ref = model(x.detach())  # fp32 forward: autocast only rounds the matmul
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)

@@ -48,24 +48,26 @@ class _QuantLinear(torch.autograd.Function):
             x_used if sx is None else x_used.to(torch.int8), sx,
             w_used if sw is None else w_used.to(torch.int8), sw,
         )
-        ctx.has_bias = bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_used, sx, w_used, sw = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        dt = dy.dtype  # under autocast dy may differ from the inputs' dtype: compute in dy's
         dx = dW = db = None
         dy2 = dy.reshape(-1, dy.shape[-1])
         if ctx.needs_input_grad[0]:  # dx = dy @ (w * sw): scale whichever operand is smallest
-            w = w_used.to(dy.dtype)
-            dx = _scaled_matmul(dy2, w, None if sw is None else sw.reshape(-1, 1) if sw.dim() else sw)
-            dx = dx.reshape(*dy.shape[:-1], w.shape[1])
+            w = w_used.to(dt)
+            dx = _scaled_matmul(dy2, w, None if sw is None else sw.to(dt).reshape(-1, 1) if sw.dim() else sw.to(dt))
+            dx = dx.reshape(*dy.shape[:-1], w.shape[1]).to(x_dtype)
             del w
         if ctx.needs_input_grad[1]:  # dW = dy^T @ (x * sx)
-            x = x_used.to(dy.dtype).reshape(-1, x_used.shape[-1])
-            dW = _scaled_matmul(dy2.t(), x, None if sx is None else sx.reshape(-1, 1))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
+            x = x_used.to(dt).reshape(-1, x_used.shape[-1])
+            dW = _scaled_matmul(dy2.t(), x, None if sx is None else sx.to(dt).reshape(-1, 1)).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(b_dtype)
         return dx, dW, db, None, None, None, None, None, None
 
 
