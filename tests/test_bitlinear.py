@@ -53,8 +53,8 @@ def ref_act(x: torch.Tensor, bits: int | None) -> torch.Tensor:
     if bits is None:
         return x.double()
     qmax = 2 ** (bits - 1) - 1
-    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-5) / qmax
-    return (torch.clamp(torch.round(x / s), -qmax, qmax) * s).double()
+    a = x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    return (torch.clamp(torch.round(x * (qmax / a)), -qmax, qmax) * (a / qmax)).double()
 
 
 def ref_forward(x, w, b, cfg: BitConfig) -> torch.Tensor:

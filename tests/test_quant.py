@@ -56,10 +56,10 @@ def test_activation_quant_reference():
     x = torch.randn(6, 33) * torch.logspace(-3, 3, 6).unsqueeze(1)
     q, s = quantize_act(x, 8)
     for row, qrow, srow in zip(x, q, s, strict=True):
-        amax = max(abs(v) for v in row.tolist())
-        scale = torch.tensor(amax, dtype=torch.float32) / 127
-        assert srow.item() == scale.item()
-        assert qrow.tolist() == [float(round(v)) for v in (row / scale).tolist()]  # banker's rounding too
+        amax = torch.tensor(max(abs(v) for v in row.tolist()), dtype=torch.float32)
+        assert srow.item() == (amax / 127).item()
+        inv = (127 / amax).item()  # a float32 number
+        assert qrow.tolist() == [float(round(v)) for v in (row * inv).tolist()]  # banker's rounding too
     assert q.abs().max() == 127
     q4, _ = quantize_act(x, 4)
     assert q4.abs().max() == 7

@@ -583,7 +583,7 @@ def describe(path: PathLike) -> dict:
         if rec["kind"] == "ternary":
             ops["ternary_adds"] += n * k
             ops["rescale_mults"] += 2 * n  # acc * (s_x * s_w)
-            ops["act_quant_mults"] += k  # x / s_x
+            ops["act_quant_mults"] += k  # x * (127 / absmax)
             ops["bias_adds"] += n if bias else 0
         else:
             ops["fp_linear_mults"] += n * k
@@ -637,7 +637,7 @@ def format_info(d: dict) -> str:
     out.append("arithmetic per token (linear layers only; attention, norms and activations not counted):")
     out.append(f"  ternary layers: {_fmt_count(o['ternary_adds'])} integer adds, 0 weight multiplies; "
                f"{_fmt_count(o['rescale_mults'])} fp32 rescale multiplies, "
-               f"{_fmt_count(o['act_quant_mults'])} fp32 activation-quantization divides, "
+               f"{_fmt_count(o['act_quant_mults'])} fp32 activation-quantization multiplies, "
                f"{_fmt_count(o['bias_adds'])} fp32 bias adds")
     out.append(f"  full-precision linear layers: {_fmt_count(o['fp_linear_mults'])} fp32 multiplies, "
                f"{_fmt_count(o['fp_linear_adds'])} fp32 adds")

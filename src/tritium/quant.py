@@ -16,7 +16,7 @@ sample median lies within about 0.5% of the exact median (its rank error is abou
 
 Activations ``x`` (per token, over the last dimension), with ``Q = 2^(b-1) - 1`` (127 for 8 bits):
 
-    ``s_x = max(absmax(x), 1e-5) / Q``,  ``q_x = round(x / s_x)``  (always within [-Q, Q])
+    ``a = max(absmax(x), 1e-5)``,  ``s_x = a / Q``,  ``q_x = round(x * (Q / a))``  (always within [-Q, Q])
 
 i.e. the symmetric range [-127, 127]: a scale of 127 so that no value ever needs clipping. (The
 reference package of Nielsen et al. scales by 128 and clips to 127, which clips the largest positive
@@ -157,9 +157,9 @@ def quantize_act(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     ``q`` has ``x``'s dtype and shape, ``s`` has shape ``x.shape[:-1] + (1,)``; ``q * s`` approximates ``x``.
     """
     qmax = 2 ** (bits - 1) - 1
-    s = absmax(x, -1).clamp(min=ACT_EPS) / qmax
-    q = (x / s).round_()  # |x / s| <= qmax by construction: no clamp needed
-    return q, s
+    a = absmax(x, -1).clamp(min=ACT_EPS)
+    q = (x * (qmax / a)).round_()  # |q| <= qmax by construction: no clamp needed
+    return q, a / qmax
 
 
 def input_norm(x: Tensor, norm: str | None) -> Tensor:

@@ -16,8 +16,8 @@ most 131,072 so that ``|acc| <= 2^24`` is exact in float32.
 
 * ``quantize_rows(x)``: float32 ``(M, K)`` -> int8 ``q`` ``(M, K)`` and float32 ``s`` ``(M,)``, the per-token
   8-bit activation quantizer. Its definition is `tritium.quant.quantize_act` (``x, 8``):
-  ``s = max(absmax(x_row), 1e-5) / 127``, ``q = round_half_even(x / s)``. The native backends compute it
-  in C and are tested bit-exact (``q`` and ``s``) against ``quant.quantize_act`` for every backend
+  ``a = max(absmax(x_row), 1e-5)``, ``s = a / 127``, ``q = round_half_even(x * (127 / a))``. The native
+  backends compute it in C and are tested bit-exact (``q`` and ``s``) against ``quant.quantize_act`` for every backend
   (tests/test_kernels.py); change the maths in quant.py and the C code together. A row with a NaN gets
   ``s = NaN`` (an inf: ``s = inf``) and ``q = 0``, so that token's output is NaN.
 * ``ternary_linear(x, packed, n, k, sw, bias)``: ``ternary_matmul(*quantize_rows(x), ...)`` in one native

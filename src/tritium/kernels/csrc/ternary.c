@@ -15,8 +15,8 @@
  * (p = packed byte index) and reuses it for up to 512 activation rows (TDPBSUD: signed x unsigned).
  *
  * The activation quantizer (tk_quantize_rows, and fused with the matmul in tk_ternary_linear) reproduces
- * tritium.quant.quantize_act(x, 8) bit for bit on float32 rows: s = max(absmax(x), 1e-5f) / 127.0f,
- * q = round_half_even(x / s) with an IEEE division per element. A row whose absmax is not finite (NaN or
+ * tritium.quant.quantize_act(x, 8) bit for bit on float32 rows: a = max(absmax(x), 1e-5f), s = a / 127.0f,
+ * q = round_half_even(x * (127.0f / a)), each float32 operation rounded as in torch. A row whose absmax is not finite (NaN or
  * inf) gets s = NaN or inf and q = 0 (the token's output is NaN either way).
  */
 #include <math.h>
@@ -215,16 +215,18 @@ typedef struct {
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Per-token int8 activation quantizer, bit-exact with tritium.quant.quantize_act(x, 8):             */
-/* s = max(absmax, 1e-5f) / 127.0f, q = round_half_even(x / s). absmax is the integer maximum of the  */
+/* a = max(absmax, 1e-5f), s = a / 127.0f, q = round_half_even(x * (127.0f / a)). absmax is the max of the */
 /* sign-cleared bit patterns: for finite values that orders like |x|, and NaN patterns sort above inf. */
 
 #define FINITE_LIMIT 0x7f800000u /* bits of +inf */
 
-static float row_scale(uint32_t absbits) {
+static float row_scale(uint32_t absbits, float *inv) {
     float a;
-    if (absbits > FINITE_LIMIT) return NAN;
+    if (absbits > FINITE_LIMIT) return *inv = NAN;
     memcpy(&a, &absbits, 4);
-    return (a > 1e-5f ? a : 1e-5f) / 127.0f; /* float32 ops, in quant.py's order */
+    a = a > 1e-5f ? a : 1e-5f;
+    *inv = 127.0f / a; /* float32 ops, as in quant.py */
+    return a / 127.0f;
 }
 
 static float quant_row_generic(const float *x, int8_t *q, int64_t K) {
@@ -235,12 +237,12 @@ static float quant_row_generic(const float *x, int8_t *q, int64_t K) {
         b &= 0x7fffffffu;
         mx = b > mx ? b : mx;
     }
-    float s = row_scale(mx);
+    float inv, s = row_scale(mx, &inv);
     if (mx >= FINITE_LIMIT) {
         memset(q, 0, (size_t)K);
         return s;
     }
-    for (int64_t k = 0; k < K; k++) q[k] = (int8_t)(int)nearbyintf(x[k] / s); /* |x / s| <= 127 */
+    for (int64_t k = 0; k < K; k++) q[k] = (int8_t)(int)nearbyintf(x[k] * inv); /* |x * inv| <= 127 */
     return s;
 }
 
@@ -558,20 +560,20 @@ T512 static float quant_row512(const float *x, int8_t *q, int64_t K) {
         mx0 = _mm512_max_epu32(mx0, _mm512_and_si512(_mm512_maskz_loadu_epi32(lm, x + k), absm));
     }
     uint32_t mx = (uint32_t)_mm512_reduce_max_epu32(_mm512_max_epu32(mx0, mx1));
-    float s = row_scale(mx);
+    float inv, s = row_scale(mx, &inv);
     if (mx >= FINITE_LIMIT) {
         memset(q, 0, (size_t)K);
         return s;
     }
-    const __m512 sv = _mm512_set1_ps(s);
+    const __m512 iv = _mm512_set1_ps(inv);
     for (k = 0; k + 16 <= K; k += 16) {
-        __m512 d = _mm512_div_ps(_mm512_loadu_ps(x + k), sv);
+        __m512 d = _mm512_mul_ps(_mm512_loadu_ps(x + k), iv);
         __m512i i = _mm512_cvt_roundps_epi32(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(i));
     }
     if (k < K) {
         __mmask16 lm = (__mmask16)((1u << (K - k)) - 1);
-        __m512 d = _mm512_div_ps(_mm512_maskz_loadu_ps(lm, x + k), sv);
+        __m512 d = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, x + k), iv);
         __m512i i = _mm512_cvt_roundps_epi32(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm512_mask_cvtsepi32_storeu_epi8(q + k, lm, i);
     }
@@ -597,25 +599,25 @@ T256 static float quant_row256(const float *x, int8_t *q, int64_t K) {
         b &= 0x7fffffffu;
         mx = b > mx ? b : mx;
     }
-    float s = row_scale(mx);
+    float inv, s = row_scale(mx, &inv);
     if (mx >= FINITE_LIMIT) {
         memset(q, 0, (size_t)K);
         return s;
     }
-    const __m256 sv = _mm256_set1_ps(s);
+    const __m256 iv = _mm256_set1_ps(inv);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (k = 0; k + 32 <= K; k += 32) {
         __m256i i[4];
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) {
-            __m256 d = _mm256_div_ps(_mm256_loadu_ps(x + k + 8 * u), sv);
+            __m256 d = _mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * u), iv);
             i[u] = _mm256_cvttps_epi32(_mm256_round_ps(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         }
         __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
         _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(b, order));
     }
     for (; k < K; k++) {
-        __m128 d = _mm_set_ss(x[k] / s);
+        __m128 d = _mm_set_ss(x[k] * inv);
         q[k] = (int8_t)_mm_cvttss_si32(_mm_round_ss(d, d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
     return s;
