@@ -99,3 +99,11 @@ def test_summary_table_and_plots(tmp_path):
     assert lines[3].startswith("| 2-absmax |") and lines[4].startswith("| 1.58-absmean |")
     assert report.plot_vs_bits(rows, ("dataset",), "test_acc", tmp_path / "b.png").is_file()
     assert report.plot_bars(rows, ("dataset",), "test_acc", tmp_path / "a.png").is_file()
+
+
+def test_distributed_options_rejected_for_tasks_without_them(tmp_path, capsys):
+    from tritium.cli import main
+
+    assert main(["run", "xor", "--out", str(tmp_path / "x"), "--resume"]) == 2
+    assert "does not support --resume" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "results.jsonl").exists()

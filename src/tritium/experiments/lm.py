@@ -27,6 +27,7 @@ import torch
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
 
+DISTRIBUTED = True  # DDP/FSDP under torchrun, checkpoints and exact resume
 METRIC = "val_loss"
 HIGHER_IS_BETTER = False
 GROUP_BY = ("hidden",)

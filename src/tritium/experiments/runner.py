@@ -9,6 +9,8 @@ A task is a module registered in `TASKS`. It provides:
 * ``run_one(cfg, args) -> dict``: train and evaluate one run; returns metrics, optionally "curves"
   (``{"step": [...], "<name>": [...]}``) and the ``tritium.summary(model).as_dict()`` counts.
 * ``METRIC``, ``HIGHER_IS_BETTER``, ``GROUP_BY``: the main metric and the axes of the summary table.
+* optional ``DISTRIBUTED = True``: the task trains under torchrun (``--nproc``, ``--fsdp``) and writes and
+  resumes checkpoints (``--ckpt-every``, ``--resume``); other tasks reject those options.
 * optional ``report(rows, out) -> str``: extra markdown for ``DIR/results.md``.
 
 Every run has a stable key (hash of its sorted JSON config); runs whose key is already in
@@ -237,9 +239,17 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from . import distributed
 
+    task = load_task(args.task)
+    wanted = [flag for flag, on in (("--nproc", args.nproc > 1), ("--fsdp", args.fsdp),
+                                    ("--ckpt-every", args.ckpt_every > 0), ("--resume", args.resume),
+                                    ("torchrun", int(os.environ.get("WORLD_SIZE", "1")) > 1)) if on]
+    if wanted and not getattr(task, "DISTRIBUTED", False):
+        have = sorted(name for name in TASKS if getattr(load_task(name), "DISTRIBUTED", False))
+        print(f"error: task {args.task!r} does not support {', '.join(wanted)}: distributed training and "
+              f"checkpoints are implemented for {', '.join(have)}", file=sys.stderr)
+        return 2
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         distributed.launch(args.nproc)
-    task = load_task(args.task)
     distributed.init()
     try:
         return _run_task(args, task)
