@@ -128,3 +128,10 @@ def test_wrong_input_raises():
         frozen(torch.randn(2, 9))
     with pytest.raises(ValueError, match="floating-point"):
         frozen(torch.ones(2, 8, dtype=torch.int64))
+
+
+def test_strict_failure_leaves_model_untouched():
+    model = nn.Sequential(BitLinear(8, 8), BitLinear(8, 4, config=BitConfig(weight_bits=4)))
+    with pytest.raises(ValueError, match="cannot freeze '1'"):
+        freeze(model)
+    assert all(isinstance(m, BitLinear) for m in model)

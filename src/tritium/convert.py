@@ -249,15 +249,18 @@ def freeze(model: nn.Module, strict: bool = True) -> nn.Module:
 
     if isinstance(model, BitLinear):
         return TernaryLinear.from_bitlinear(model, type(model).__name__)
+    frozen = []  # convert everything first, so a strict failure leaves the model untouched
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, BitLinear):
                 continue
             full = f"{name}.{child_name}" if name else child_name
             try:
-                setattr(module, child_name, TernaryLinear.from_bitlinear(child, full))
+                frozen.append((module, child_name, TernaryLinear.from_bitlinear(child, full)))
             except ValueError as e:
                 if strict:
                     raise
                 warnings.warn(f"{e}; kept as BitLinear", stacklevel=2)
+    for module, child_name, layer in frozen:
+        setattr(module, child_name, layer)
     return model
