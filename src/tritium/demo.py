@@ -62,7 +62,7 @@ def train_one(precision: str, data, epochs: int, seed: int = 0) -> dict:
            "bits_per_weight": tritium.summary(model).bits_per_weight, "train_s": seconds}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
-        if precision.startswith("1.58"):  # serve it: packed 2-bit weights and the C++ kernels
+        if precision.startswith("1.58"):  # serve it: packed 2-bit weights and the C kernels
             tritium.save(tritium.freeze(model), path)
             served = tritium.load(path, model=tritium.quantize(make_mlp().to("meta"), precision))
             with torch.inference_mode():
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     data = load_digits(args.seed)
     print(f"digits: {len(data[1])} train / {len(data[3])} test images, MLP 64-256-256-10, "
-          f"{args.epochs} epochs, {torch.get_num_threads()} threads")
+          f"{args.epochs} epochs, torch threads: {torch.get_num_threads()}")
     rows = []
     for precision in args.precision.split(","):
         rows.append(train_one(precision.strip(), data, args.epochs, args.seed))
