@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels, quant
 from ..config import BitConfig
-from .common import machine_info, memory_bandwidth_gb_s, time_interleaved, write_json
+from .common import machine_info, memory_bandwidth_gb_s, time_interleaved, time_median, write_json
 
 SHAPES = [(m, k, n) for m in (1, 128) for k, n in ((2048, 2048), (4096, 4096), (4096, 11008), (11008, 4096))]
 QUICK_SHAPES = [(1, 4096, 11008), (128, 4096, 11008)]
@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", help="comma-separated MxKxN list (default: M in {1,128} x 4 LLM layers)")
     parser.add_argument("--repeats", type=int, help="timed runs per method (default 20, quick 3)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's setting)")
+    parser.add_argument("--back-to-back", action="store_true",
+                        help="time each method in its own loop of repeated calls (as a layer stack calls it) "
+                             "instead of round-robin across methods")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -44,7 +47,7 @@ def _int8_dynamic(linear: nn.Linear) -> tuple[nn.Module | None, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _bench_shape(m: int, k: int, n: int, repeats: int) -> dict[str, object]:
+def _bench_shape(m: int, k: int, n: int, repeats: int, back_to_back: bool = False) -> dict[str, object]:
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(k, n, bias=False)
     with torch.no_grad():
@@ -67,7 +70,10 @@ def _bench_shape(m: int, k: int, n: int, repeats: int) -> dict[str, object]:
     if int8_model is not None:
         fns["int8"] = lambda: int8_model(x)
     with torch.inference_mode():
-        ms = {name: t * 1e3 for name, t in time_interleaved(fns, repeats=repeats).items()}
+        if back_to_back:
+            ms = {name: time_median(fn, repeats=repeats, warmup=3)[0] * 1e3 for name, fn in fns.items()}
+        else:
+            ms = {name: t * 1e3 for name, t in time_interleaved(fns, repeats=repeats).items()}
     weight_bytes = {"fp32": 4 * n * k, "bf16": 2 * n * k, "int8": n * k, "tritium": packed.numel()}
     row: dict[str, object] = {"m": m, "k": k, "n": n}
     for name, t in ms.items():
@@ -105,18 +111,20 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     bandwidth = memory_bandwidth_gb_s(64 if args.quick else 512, repeats=3 if args.quick else 7)
     rows = []
     for m, k, n in shapes:
-        rows.append(_bench_shape(m, k, n, repeats))
+        rows.append(_bench_shape(m, k, n, repeats, args.back_to_back))
     result = {
         "benchmark": "kernels",
         "backend": kernels.get_backend(),
         "available_backends": kernels.available_backends(),
         "repeats": repeats,
+        "timing": "back-to-back" if args.back_to_back else "round-robin",
         "bandwidth_gb_s": bandwidth,
         "machine": machine_info(),
         "rows": rows,
     }
     print(f"tritium kernels ({result['backend']}) vs torch {torch.__version__}, {torch.get_num_threads()} threads,"
-          f" median ms of {repeats} runs; memory copy bandwidth {bandwidth:.1f} GB/s (read + write)")
+          f" median ms of {repeats} runs ({result['timing']});"
+          f" memory copy bandwidth {bandwidth:.1f} GB/s (read + write)")
     print(_table(rows, bandwidth))
     print("tern = kernel on int8 activations; tern+q = fp32 input, per-token int8 quantization fused into"
           " the same call; x fp32 / x int8 = speedup of tern+q; % bw = ternary weight bytes/s as % of copy bandwidth")
