@@ -229,19 +229,28 @@ static float row_scale(uint32_t absbits, float *inv) {
     return a / 127.0f;
 }
 
-static float quant_row_generic(const float *x, int8_t *q, int64_t K) {
-    uint32_t mx = 0;
-    for (int64_t k = 0; k < K; k++) {
+/* max of the sign-cleared bit patterns of x[k..K), starting from mx */
+static uint32_t abs_bits_max(const float *x, int64_t k, int64_t K, uint32_t mx) {
+    for (; k < K; k++) {
         uint32_t b;
         memcpy(&b, x + k, 4);
         b &= 0x7fffffffu;
         mx = b > mx ? b : mx;
     }
+    return mx;
+}
+
+/* A row whose absmax is NaN or inf gets q = 0 (its scale carries the NaN/inf); returns 1 for such rows. */
+static int nonfinite_row(uint32_t mx, int8_t *q, int64_t K) {
+    if (mx < FINITE_LIMIT) return 0;
+    memset(q, 0, (size_t)K);
+    return 1;
+}
+
+static float quant_row_generic(const float *x, int8_t *q, int64_t K) {
+    uint32_t mx = abs_bits_max(x, 0, K, 0);
     float inv, s = row_scale(mx, &inv);
-    if (mx >= FINITE_LIMIT) {
-        memset(q, 0, (size_t)K);
-        return s;
-    }
+    if (nonfinite_row(mx, q, K)) return s;
     for (int64_t k = 0; k < K; k++) q[k] = (int8_t)(int)nearbyintf(x[k] * inv); /* |x * inv| <= 127 */
     return s;
 }
@@ -545,7 +554,7 @@ T256 static void avx2_task(const void *ctx, int64_t t) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Activation quantizers (see quant_row_generic): exact IEEE division, round half to even.           */
+/* Activation quantizers (see quant_row_generic): multiply by 127 / absmax, round half to even.     */
 
 T512 static float quant_row512(const float *x, int8_t *q, int64_t K) {
     const __m512i absm = _mm512_set1_epi32(0x7fffffff);
@@ -561,10 +570,7 @@ T512 static float quant_row512(const float *x, int8_t *q, int64_t K) {
     }
     uint32_t mx = (uint32_t)_mm512_reduce_max_epu32(_mm512_max_epu32(mx0, mx1));
     float inv, s = row_scale(mx, &inv);
-    if (mx >= FINITE_LIMIT) {
-        memset(q, 0, (size_t)K);
-        return s;
-    }
+    if (nonfinite_row(mx, q, K)) return s;
     const __m512 iv = _mm512_set1_ps(inv);
     for (k = 0; k + 16 <= K; k += 16) {
         __m512 d = _mm512_mul_ps(_mm512_loadu_ps(x + k), iv);
@@ -592,18 +598,9 @@ T256 static float quant_row256(const float *x, int8_t *q, int64_t K) {
     __m128i m4 = _mm_max_epu32(_mm256_castsi256_si128(mx0), _mm256_extracti128_si256(mx0, 1));
     m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0x4E));
     m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0xB1));
-    uint32_t mx = (uint32_t)_mm_cvtsi128_si32(m4);
-    for (; k < K; k++) {
-        uint32_t b;
-        memcpy(&b, x + k, 4);
-        b &= 0x7fffffffu;
-        mx = b > mx ? b : mx;
-    }
+    uint32_t mx = abs_bits_max(x, k, K, (uint32_t)_mm_cvtsi128_si32(m4));
     float inv, s = row_scale(mx, &inv);
-    if (mx >= FINITE_LIMIT) {
-        memset(q, 0, (size_t)K);
-        return s;
-    }
+    if (nonfinite_row(mx, q, K)) return s;
     const __m256 iv = _mm256_set1_ps(inv);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (k = 0; k + 32 <= K; k += 32) {
