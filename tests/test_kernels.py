@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import warnings
 
 import pytest
@@ -345,7 +347,7 @@ def test_ternary_linear_compile_and_inference_mode() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Robustness of the native library: allocation failures in pool workers, the pool under concurrency, fork.
+# Robustness of the native library: allocation failures in worker threads, concurrent callers, fork.
 
 NATIVE = [b for b in BACKENDS if b != "reference"]
 
@@ -391,10 +393,9 @@ def _stress_cases(gen: torch.Generator):
 
 
 @pytest.mark.skipif(not NATIVE, reason="compiled kernels unavailable")
-def test_pool_concurrent_tiny_calls() -> None:
-    """Two Python threads make thousands of tiny multithreaded calls with varying thread counts (the pool's
-    worker count changes between jobs: a worker left out of one job must not take part in a later one
-    twice, which used to deadlock the caller). Every result is checked."""
+def test_concurrent_tiny_calls() -> None:
+    """Two Python threads make thousands of tiny multithreaded calls with varying thread counts (each
+    caller runs its own OpenMP team; the team size changes between calls). Every result is checked."""
     import threading
     import time
 
@@ -432,10 +433,29 @@ def test_pool_concurrent_tiny_calls() -> None:
     assert min(calls) > 100, calls
 
 
-@pytest.mark.skipif(not NATIVE or not hasattr(__import__("os"), "fork"), reason="needs fork and native kernels")
-def test_pool_after_fork() -> None:
-    """A forked child (whose pool threads did not survive) gets a fresh pool and correct results."""
-    import os
+@pytest.mark.skipif(not NATIVE or not os.path.exists("/proc/self/maps"), reason="needs /proc and native kernels")
+def test_kernels_share_torch_openmp_runtime() -> None:
+    """The kernels run on the OpenMP runtime that torch has loaded, not on a second one whose threads would
+    compete with torch's for the cores: after a multithreaded call one OpenMP library is mapped."""
+    if not K.threaded():
+        pytest.skip("kernels built without OpenMP")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, packed, n, k, sw, want = _stress_cases(torch.Generator().manual_seed(19))[5]
+        assert torch.equal(K.ternary_linear(x, packed, n, k, sw), want)
+        torch.ones(1 << 20).mul(2).sum()  # an OpenMP region of torch's own
+    finally:
+        torch.set_num_threads(threads)
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if re.search(r"/lib(g|i)?omp[^/]*\.so", line)}
+    assert len(runtimes) == 1, runtimes
+
+
+@pytest.mark.skipif(not NATIVE or not hasattr(os, "fork"), reason="needs fork and native kernels")
+def test_kernels_after_fork() -> None:
+    """A forked child gets correct results once it sets one thread, which torch itself needs: the OpenMP
+    runtime that torch and the kernels share does not survive fork (its team threads are gone)."""
     import time
 
     K.set_backend(NATIVE[0])
@@ -443,9 +463,10 @@ def test_pool_after_fork() -> None:
     torch.set_num_threads(2)
     try:
         x, packed, n, k, sw, want = _stress_cases(torch.Generator().manual_seed(18))[4]
-        assert torch.equal(K.ternary_linear(x, packed, n, k, sw), want)  # the pool is running
+        assert torch.equal(K.ternary_linear(x, packed, n, k, sw), want)  # the OpenMP team is running
         pid = os.fork()
         if pid == 0:  # child: no pytest machinery, exit status only
+            torch.set_num_threads(1)
             ok = all(torch.equal(K.ternary_linear(x, packed, n, k, sw), want) for _ in range(50))
             os._exit(0 if ok else 1)
         deadline = time.monotonic() + 60
@@ -459,6 +480,6 @@ def test_pool_after_fork() -> None:
                 pytest.fail("kernel call in a forked child hung")
             time.sleep(0.01)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert torch.equal(K.ternary_linear(x, packed, n, k, sw), want)  # and the parent's pool still works
+        assert torch.equal(K.ternary_linear(x, packed, n, k, sw), want)  # and the parent's threads still work
     finally:
         torch.set_num_threads(threads)

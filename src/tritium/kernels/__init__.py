@@ -26,7 +26,9 @@ most 131,072 so that ``|acc| <= 2^24`` is exact in float32.
 
 Backends: ``amx`` (AVX-512 VNNI for fewer than 16 rows, AMX tiles from 16 rows on), ``avx512``
 (AVX-512 VNNI), ``avx2``, ``generic`` (portable C), all multithreaded with ``torch.get_num_threads()``
-threads, and ``reference`` (pure PyTorch). The default ``auto`` picks the fastest one this CPU supports;
+threads on the OpenMP runtime that torch itself uses (see `threaded`; like torch's own ops, a process
+forked after multithreaded work must call ``torch.set_num_threads(1)`` before using them), and
+``reference`` (pure PyTorch). The default ``auto`` picks the fastest one this CPU supports;
 ``TRITIUM_KERNEL=auto|amx|avx512|avx2|generic|reference`` or `set_backend` forces one. Without the
 compiled library, ``auto`` falls back to the reference with a warning.
 ``ternary_matmul``, ``quantize_rows`` and ``ternary_linear`` are the custom ops
@@ -47,7 +49,7 @@ from .reference import pack, unpack
 
 __all__ = [
     "pack", "unpack", "ternary_matmul", "quantize_rows", "ternary_linear", "set_backend", "get_backend",
-    "available_backends", "MAX_K",
+    "available_backends", "threaded", "MAX_K",
 ]
 
 MAX_K = 1 << 17
@@ -62,6 +64,12 @@ def _reload_library() -> None:
     global _lib, _load_error, _backend
     _lib, _load_error = _native.load()
     _backend = None
+
+
+def threaded() -> bool:
+    """True when the compiled kernels are multithreaded: built with OpenMP, they run on the OpenMP runtime
+    torch has loaded, with ``torch.get_num_threads()`` threads. False for a single-threaded build or none."""
+    return _lib is not None and bool(_lib.tk_openmp())
 
 
 def available_backends() -> list[str]:

@@ -38,145 +38,21 @@
 enum { BACKEND_GENERIC = 0, BACKEND_AVX2 = 1, BACKEND_AVX512 = 2, BACKEND_AMX = 3 };
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Persistent thread pool: workers spin briefly, then sleep on a condition variable.                  */
-
-#define MAX_THREADS 256
-#define SPIN_ITERS 256
+/* Threads: OpenMP. The library links libgomp.so.1, the soname of the libgomp that torch's wheels ship, so  */
+/* in a process that has imported torch the kernels run on torch's own OpenMP runtime and thread team:    */
+/* no second pool competes with torch's threads for the cores between ops. Built without OpenMP, the     */
+/* kernels run on the calling thread.                                                                   */
 
 typedef void (*task_fn)(const void *ctx, int64_t task);
 
-/* Synchronization: a job is published under `lock` (fields, then generation + 1, then a broadcast on
- * `wake`); a worker takes a consistent snapshot of the job under `lock` when it sees a new generation, so
- * it never mixes the fields of two jobs, and it takes part only if its id is below that job's `workers`.
- * `pending` counts the taking-part workers that have not finished; the last one signals `done` under
- * `lock`. Each wait is a predicate loop under `lock` (spurious wakeups and a wakeup that races with the
- * predicate are harmless). `call` serializes concurrent callers; around fork() both mutexes are held so
- * that the child starts from a quiescent pool (its worker threads do not survive and are recreated). */
-static struct {
-    pthread_mutex_t call;  /* one job at a time */
-    pthread_mutex_t lock;  /* guards the job fields below and the two condition variables */
-    pthread_cond_t wake, done;
-    int started;           /* worker threads running (guarded by call) */
-    atomic_int generation; /* bumped for each job */
-    atomic_int pending;    /* workers still busy with the current job */
-    atomic_long next;      /* next task index */
-    int workers;           /* workers taking part in the current job */
-    task_fn fn;
-    const void *ctx;
-    int64_t ntasks;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_COND_INITIALIZER};
-
-static inline void cpu_relax(void) {
-#if defined(__x86_64__)
-    _mm_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-static void run_tasks(task_fn fn, const void *ctx, int64_t ntasks) {
-    for (;;) {
-        int64_t t = atomic_fetch_add(&pool.next, 1);
-        if (t >= ntasks) return;
-        fn(ctx, t);
-    }
-}
-
-static int start_generation[MAX_THREADS]; /* generation when each worker was created */
-
-static void *worker_main(void *arg) {
-    int id = (int)(intptr_t)arg;
-    int seen = start_generation[id];
-    for (;;) {
-        for (int s = 0; atomic_load_explicit(&pool.generation, memory_order_relaxed) == seen && s < SPIN_ITERS; s++)
-            cpu_relax();
-        pthread_mutex_lock(&pool.lock);
-        int g;
-        while ((g = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        /* Snapshot of job g: consistent, because jobs are published under the lock. */
-        int part = id < pool.workers;
-        task_fn fn = pool.fn;
-        const void *ctx = pool.ctx;
-        int64_t ntasks = pool.ntasks;
-        pthread_mutex_unlock(&pool.lock);
-        seen = g;
-        if (!part) continue;
-        /* Job g cannot finish (nor a later one start) before this worker decrements pending. */
-        run_tasks(fn, ctx, ntasks);
-        if (atomic_fetch_sub(&pool.pending, 1) == 1) {
-            pthread_mutex_lock(&pool.lock);
-            pthread_cond_signal(&pool.done);
-            pthread_mutex_unlock(&pool.lock);
-        }
-    }
-    return NULL;
-}
-
-static void before_fork(void) {
-    pthread_mutex_lock(&pool.call); /* no job in flight */
-    pthread_mutex_lock(&pool.lock); /* no worker inside a critical section */
-}
-
-static void after_fork_parent(void) {
-    pthread_mutex_unlock(&pool.lock);
-    pthread_mutex_unlock(&pool.call);
-}
-
-static void after_fork_child(void) {
-    /* Worker threads do not survive fork: start afresh in the child. */
-    pthread_mutex_init(&pool.call, NULL);
-    pthread_mutex_init(&pool.lock, NULL);
-    pthread_cond_init(&pool.wake, NULL);
-    pthread_cond_init(&pool.done, NULL);
-    pool.started = 0;
-    pool.workers = 0;
-    atomic_store(&pool.pending, 0);
-}
-
-static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
-static void install_fork_handler(void) { pthread_atfork(before_fork, after_fork_parent, after_fork_child); }
-
 /* Run fn(ctx, t) for t in [0, ntasks) on up to nthreads threads (the caller included). */
 static void parallel_for(task_fn fn, const void *ctx, int64_t ntasks, int nthreads) {
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > ntasks) nthreads = (int)ntasks;
-    if (nthreads <= 1) {
-        for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
-        return;
-    }
-    pthread_once(&fork_once, install_fork_handler);
-    pthread_mutex_lock(&pool.call);
-    while (pool.started < nthreads - 1) {
-        pthread_t th;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        start_generation[pool.started] = atomic_load(&pool.generation);
-        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)pool.started);
-        pthread_attr_destroy(&attr);
-        if (rc != 0) break;
-        pool.started++;
-    }
-    int workers = nthreads - 1 < pool.started ? nthreads - 1 : pool.started;
-    pthread_mutex_lock(&pool.lock);
-    pool.fn = fn;
-    pool.ctx = ctx;
-    pool.ntasks = ntasks;
-    pool.workers = workers;
-    atomic_store(&pool.next, 0);
-    atomic_store(&pool.pending, workers);
-    atomic_fetch_add(&pool.generation, 1);
-    if (workers > 0) pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.lock);
-    run_tasks(fn, ctx, ntasks);
-    for (int s = 0; atomic_load(&pool.pending) != 0 && s < SPIN_ITERS; s++) cpu_relax();
-    if (atomic_load(&pool.pending) != 0) {
-        pthread_mutex_lock(&pool.lock);
-        while (atomic_load(&pool.pending) != 0) pthread_cond_wait(&pool.done, &pool.lock);
-        pthread_mutex_unlock(&pool.lock);
-    }
-    pthread_mutex_unlock(&pool.call);
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+#endif
+    for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
 }
 
 /* Allocation inside a task; a failure sets the job's error flag (tasks cannot return errors). The test
@@ -777,7 +653,16 @@ API int tk_supported(void) {
     return mask;
 }
 
-API int tk_abi_version(void) { return 2; }
+API int tk_abi_version(void) { return 3; }
+
+/* 1 if the kernels are multithreaded (built with OpenMP), else 0. */
+API int tk_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
