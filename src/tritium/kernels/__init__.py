@@ -223,18 +223,17 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _ternary_linear_impl(x: Tensor, packed: Tensor, n: int, k: int, sw: Tensor, bias: Tensor | None) -> Tensor:
     """The fused op on validated inputs (``x`` float32 ``(M, k)``); `TernaryLinear` calls it directly in eager
-    mode, which saves the custom-op dispatch."""
-    backend = get_backend()
-    if backend == "reference" or x.device.type != "cpu" or packed.device.type != "cpu":
+    mode, which saves the custom-op dispatch (this runs once per layer and token when decoding)."""
+    backend = _backend or get_backend()
+    if backend == "reference" or not (x.is_cpu and packed.is_cpu):
         q, s = _quantize_reference(x)
         return reference.ternary_matmul(q, packed, n, k, s, sw, bias)
     x, packed, sw = x.contiguous(), packed.contiguous(), sw.contiguous()
-    bias = None if bias is None else bias.contiguous()
     m = x.shape[0]
-    y = torch.empty((m, n), dtype=torch.float32)
+    y = x.new_empty((m, n))
     rc = _lib.tk_ternary_linear(
         _native.NATIVE_IDS[backend], x.data_ptr(), packed.data_ptr(), sw.data_ptr(), sw.numel() != 1,
-        None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads(),
+        None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads(),
     )
     if rc != 0:
         _raise(backend, rc)

@@ -90,6 +90,8 @@ class TernaryLinear(nn.Module):
                 f"TernaryLinear: expected a floating-point input with last dimension {k}, "
                 f"got {x.dtype} of shape {tuple(x.shape)}"
             )
+        buffers = self._buffers  # one dict lookup each instead of nn.Module.__getattr__ (decode hot path)
+        packed, scale, bias = buffers["weight_packed"], buffers["weight_scale"], buffers["bias"]
         xf = quant.input_norm(x.float(), self.norm)  # .float() is free for a float32 input
         if xf.dim() != 2:
             xf = xf.reshape(-1, k)
@@ -98,11 +100,11 @@ class TernaryLinear(nn.Module):
         # quantize_act(xf, 8) + ternary_matmul in one native call, bit-identical to the composition; in
         # eager mode the op's implementation is called directly (saves the custom-op dispatch at decode).
         if torch.compiler.is_compiling():
-            y = torch.ops.tritium.ternary_linear(xf, self.weight_packed, n, k, self.weight_scale, self.bias)
+            y = torch.ops.tritium.ternary_linear(xf, packed, n, k, scale, bias)
         else:
-            y = kernels._ternary_linear_impl(xf, self.weight_packed, n, k, self.weight_scale, self.bias)
+            y = kernels._ternary_linear_impl(xf, packed, n, k, scale, bias)
         if x.dim() != 2:
-            y = y.reshape(*x.shape[:-1], n)
+            y = y.view(*x.shape[:-1], n)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):
