@@ -7,7 +7,10 @@ import argparse
 import json
 import os
 import re
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,7 +202,7 @@ def test_quick_bench_runs(tmp_path) -> None:
         result = bench.run(args)
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
-    assert len(saved["rows"]) == 2 and saved["bandwidth_gb_s"] > 0
+    assert len(saved["rows"]) == 2 and saved["bandwidth_gb_s"] > 0 and saved["read_bandwidth_gb_s"] > 0
     assert all(r["tritium_ms"] > 0 for r in saved["rows"])
 
 
@@ -483,3 +486,39 @@ def test_kernels_after_fork() -> None:
         assert torch.equal(K.ternary_linear(x, packed, n, k, sw), want)  # and the parent's threads still work
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The C ABI on its own, and on ARM: tests/csrc/check_kernels.c checks every backend against a naive C
+# reference; for aarch64 the library and the check are cross-compiled and run under qemu.
+
+CSRC = Path(__file__).resolve().parents[1] / "src" / "tritium" / "kernels" / "csrc" / "ternary.c"
+CHECK = Path(__file__).resolve().parent / "csrc" / "check_kernels.c"
+FLAGS = ["-O2", "-std=gnu11", "-ffp-contract=off", "-pthread", "-fopenmp"]
+
+
+def _run_check(cmd: list[str], cwd: Path) -> None:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " 0 failures" in out.stdout, out.stdout
+
+
+@pytest.mark.skipif(not NATIVE or shutil.which("cc") is None, reason="needs the compiled kernels and a C compiler")
+def test_c_abi_against_c_reference(tmp_path: Path) -> None:
+    lib = Path(K._native._candidates()[0])
+    exe = tmp_path / "check"
+    subprocess.run(["cc", *FLAGS, str(CHECK), str(lib), "-o", str(exe), f"-Wl,-rpath,{lib.parent}", "-lm"],
+                   check=True, timeout=120)
+    _run_check([str(exe)], tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
+def test_aarch64_build_bit_exact(tmp_path: Path) -> None:
+    cc = "aarch64-linux-gnu-gcc"
+    lib, exe = tmp_path / "libtk.so", tmp_path / "check"
+    subprocess.run([cc, *FLAGS, "-O3", "-fvisibility=hidden", "-shared", "-fPIC", "-Werror", str(CSRC), "-o", str(lib),
+                    "-lm"], check=True, timeout=120)
+    subprocess.run([cc, *FLAGS, str(CHECK), str(lib), "-o", str(exe), f"-Wl,-rpath,{tmp_path}", "-lm"],
+                   check=True, timeout=120)
+    _run_check(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe)], tmp_path)

@@ -81,10 +81,16 @@ def time_interleaved(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
-    """Copy bandwidth of a large float32 tensor in GB/s, counting bytes read plus bytes written."""
+def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5, kind: str = "copy") -> float:
+    """Memory bandwidth in GB/s over a large float32 tensor: ``copy`` counts the bytes read plus the bytes
+    written by a copy; ``read`` the bytes read by a sum (a read-only stream, like a GEMV's weights)."""
     n = megabytes * (1 << 20) // 4
     src = torch.ones(n)
+    if kind == "read":
+        seconds, _ = time_median(src.sum, repeats=repeats, warmup=1)
+        return n * 4 / seconds / 1e9
+    if kind != "copy":
+        raise ValueError(f"kind must be 'copy' or 'read', got {kind!r}")
     dst = torch.empty_like(src)
     seconds, _ = time_median(lambda: dst.copy_(src), repeats=repeats, warmup=1)
     return 2 * n * 4 / seconds / 1e9

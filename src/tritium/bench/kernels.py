@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         torch.set_num_threads(args.threads)
     shapes = _parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (3 if args.quick else 20)
-    bandwidth = memory_bandwidth_gb_s(64 if args.quick else 512, repeats=3 if args.quick else 7)
+    probe = {"megabytes": 64 if args.quick else 512, "repeats": 3 if args.quick else 7}
+    bandwidth = memory_bandwidth_gb_s(**probe)
+    read_bandwidth = memory_bandwidth_gb_s(**probe, kind="read")
     rows = []
     for m, k, n in shapes:
         rows.append(_bench_shape(m, k, n, repeats, args.back_to_back))
@@ -119,15 +121,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "repeats": repeats,
         "timing": "back-to-back" if args.back_to_back else "round-robin",
         "bandwidth_gb_s": bandwidth,
+        "read_bandwidth_gb_s": read_bandwidth,
         "machine": machine_info(),
         "rows": rows,
     }
     print(f"tritium kernels ({result['backend']}) vs torch {torch.__version__}, {torch.get_num_threads()} threads,"
           f" median ms of {repeats} runs ({result['timing']});"
-          f" memory copy bandwidth {bandwidth:.1f} GB/s (read + write)")
-    print(_table(rows, bandwidth))
+          f" memory bandwidth {read_bandwidth:.1f} GB/s read, {bandwidth:.1f} GB/s copy (read + write)")
+    print(_table(rows, read_bandwidth))
     print("tern = kernel on int8 activations; tern+q = fp32 input, per-token int8 quantization fused into"
-          " the same call; x fp32 / x int8 = speedup of tern+q; % bw = ternary weight bytes/s as % of copy bandwidth")
+          " the same call; x fp32 / x int8 = speedup of tern+q; % bw = ternary weight bytes/s as % of the read"
+          f" bandwidth of a {probe['megabytes']} MB sum (weights that stay in cache can exceed it)")
     errors = {r["int8_error"] for r in rows if r.get("int8_error")}
     for e in errors:
         print(f"int8 dynamic quantization unavailable in this torch, skipped: {e}")
