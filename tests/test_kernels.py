@@ -497,10 +497,11 @@ CHECK = Path(__file__).resolve().parent / "csrc" / "check_kernels.c"
 FLAGS = ["-O2", "-std=gnu11", "-ffp-contract=off", "-pthread", "-fopenmp"]
 
 
-def _run_check(cmd: list[str], cwd: Path) -> None:
+def _run_check(cmd: list[str], cwd: Path) -> str:
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert " 0 failures" in out.stdout, out.stdout
+    return out.stdout
 
 
 @pytest.mark.skipif(not NATIVE or shutil.which("cc") is None, reason="needs the compiled kernels and a C compiler")
@@ -517,8 +518,11 @@ def test_c_abi_against_c_reference(tmp_path: Path) -> None:
 def test_aarch64_build_bit_exact(tmp_path: Path) -> None:
     cc = "aarch64-linux-gnu-gcc"
     lib, exe = tmp_path / "libtk.so", tmp_path / "check"
-    subprocess.run([cc, *FLAGS, "-O3", "-fvisibility=hidden", "-shared", "-fPIC", "-Werror", str(CSRC), "-o", str(lib),
-                    "-lm"], check=True, timeout=120)
+    subprocess.run([cc, *FLAGS, "-O3", "-fvisibility=hidden", "-shared", "-fPIC", "-Wall", "-Werror", str(CSRC), "-o",
+                    str(lib), "-lm"], check=True, timeout=120)
     subprocess.run([cc, *FLAGS, str(CHECK), str(lib), "-o", str(exe), f"-Wl,-rpath,{tmp_path}", "-lm"],
                    check=True, timeout=120)
-    _run_check(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe)], tmp_path)
+    # "max" has the dot-product extension (neon and generic backends: mask 0b10001), a Cortex-A53 has not.
+    for cpu, mask in (("max", 17), ("cortex-a53", 1)):
+        out = _run_check(["qemu-aarch64", "-cpu", cpu, "-L", "/usr/aarch64-linux-gnu", str(exe)], tmp_path)
+        assert f"backends mask {mask}" in out, (cpu, out)

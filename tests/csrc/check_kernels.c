@@ -64,7 +64,7 @@ int main(void) {
     const int64_t shapes[][3] = {{1, 1, 1}, {1, 5, 3}, {1, 33, 255}, {1, 64, 4096}, {7, 17, 129},
                                  {7, 64, 512}, {33, 100, 65}, {20, 48, 1030}, {0, 8, 64}, {3, 0, 64}};
     int mask = tk_supported(), cases = 0, failures = 0;
-    for (int backend = 0; backend < 4; backend++) {
+    for (int backend = 0; backend < 5; backend++) {
         if (!(mask >> backend & 1)) continue;
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
             int64_t m = shapes[s][0], n = shapes[s][1], k = shapes[s][2], kb = (k + 3) / 4;

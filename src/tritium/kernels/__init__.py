@@ -25,11 +25,12 @@ most 131,072 so that ``|acc| <= 2^24`` is exact in float32.
   composition. `tritium.nn.TernaryLinear` runs on it.
 
 Backends: ``amx`` (AVX-512 VNNI for fewer than 16 rows, AMX tiles from 16 rows on), ``avx512``
-(AVX-512 VNNI), ``avx2``, ``generic`` (portable C), all multithreaded with ``torch.get_num_threads()``
-threads on the OpenMP runtime that torch itself uses (see `threaded`; like torch's own ops, a process
-forked after multithreaded work must call ``torch.set_num_threads(1)`` before using them), and
+(AVX-512 VNNI), ``avx2``, ``neon`` (aarch64 with the dot-product extension), ``generic`` (portable C),
+all multithreaded with ``torch.get_num_threads()`` threads on the OpenMP runtime that torch itself uses
+(see `threaded`; like torch's own ops, a process forked after multithreaded work must call
+``torch.set_num_threads(1)`` before using them), and
 ``reference`` (pure PyTorch). The default ``auto`` picks the fastest one this CPU supports;
-``TRITIUM_KERNEL=auto|amx|avx512|avx2|generic|reference`` or `set_backend` forces one. Without the
+``TRITIUM_KERNEL=auto|amx|avx512|avx2|neon|generic|reference`` or `set_backend` forces one. Without the
 compiled library, ``auto`` falls back to the reference with a warning.
 ``ternary_matmul``, ``quantize_rows`` and ``ternary_linear`` are the custom ops
 ``torch.ops.tritium.{ternary_matmul,quantize_rows,ternary_linear}``, so they work under
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 MAX_K = 1 << 17
-BACKENDS = ("amx", "avx512", "avx2", "generic", "reference")
+BACKENDS = ("amx", "avx512", "avx2", "neon", "generic", "reference")
 
 _lib, _load_error = _native.load()
 _backend: str | None = None  # resolved lazily from TRITIUM_KERNEL

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 NAME = "_tritium_kernels"
-NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2, "amx": 3}
-ABI_VERSION = 3
+NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2, "amx": 3, "neon": 4}
+ABI_VERSION = 4
 
 
 def _candidates() -> list[Path]:

@@ -30,12 +30,18 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
 #endif
 
 #define API __attribute__((visibility("default")))
 #define AI static inline __attribute__((always_inline))
 
-enum { BACKEND_GENERIC = 0, BACKEND_AVX2 = 1, BACKEND_AVX512 = 2, BACKEND_AMX = 3 };
+enum { BACKEND_GENERIC = 0, BACKEND_AVX2 = 1, BACKEND_AVX512 = 2, BACKEND_AMX = 3, BACKEND_NEON = 4 };
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Threads: OpenMP. The library links libgomp.so.1, the soname of the libgomp that torch's wheels ship, so  */
@@ -78,7 +84,7 @@ typedef struct {
     int64_t kp;         /* K rounded up to 256 (AMX: 64): used row length of xp */
     int64_t xs;         /* row stride of xp (AMX: kp + 64, so that tile rows do not share cache sets) */
     int sw_per_channel; /* sw has N entries (else 1) */
-    int8_t *xp;         /* permuted, zero-padded activations (x86 backends) */
+    int8_t *xp;         /* permuted, zero-padded activations (SIMD backends and generic GEMV) */
     int32_t *xsum;      /* activation row sums */
     int64_t bm, bn;     /* task block sizes along M and N */
     int64_t tm;         /* number of task blocks along M */
@@ -142,6 +148,12 @@ AI void store(const job_t *j, int64_t m, int64_t n, int32_t acc) {
     if (j->bias) v = v + j->bias[n];
     j->y[m * j->N + n] = v;
 }
+
+/* Weight streams are prefetched PREFETCH_ROWS rows ahead (the same bytes of the next group of rows): the
+ * hardware prefetchers stop at 4 KB page boundaries, and a GEMV that streams its weights from memory runs
+ * latency-bound without it (measured: 0.48 -> 0.29 ms for 4096 x 11008 on 2 cores). Prefetching past the
+ * end of the weights is harmless. */
+#define PREFETCH_ROWS 4
 
 /* Activation permutation and row sums, one task per row. */
 static void prep_task(const void *ctx, int64_t m) {
@@ -240,12 +252,6 @@ static void generic_task(const void *ctx, int64_t t) {
 /* AVX-512 VNNI.                                                                                   */
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,bmi2")))
-
-/* Weight streams are prefetched PREFETCH_ROWS rows ahead (the same bytes of the next group of rows): the
- * hardware prefetchers stop at 4 KB page boundaries, and a GEMV that streams its weights from memory runs
- * latency-bound without it (measured: 0.48 -> 0.29 ms for 4096 x 11008 on 2 cores). Prefetching past the
- * end of the weights is harmless. */
-#define PREFETCH_ROWS 4
 
 /* GEMV rows: four 2-bit fields isolated by masks in place (field i is scaled by 4^i, undone by an
  * exact arithmetic shift of the int32 sums), so each 64-byte load costs four ANDs and four VPDPBUSD. */
@@ -634,6 +640,79 @@ static void prep_plain_task(const void *ctx, int64_t m) {
 }
 #endif /* __x86_64__ */
 
+#if defined(__aarch64__)
+/* ------------------------------------------------------------------------------------------------ */
+/* NEON with the dot-product extension (SDOT, Armv8.2-A+): the unsigned codes {0, 1, 2} are valid      */
+/* signed bytes, so SDOT sums u*x in int32 and the activation row sum is subtracted as on x86. Each 16   */
+/* packed bytes hold four fields that line up with four 16-byte slices of the permuted activations.    */
+
+#define TNEON __attribute__((target("arch=armv8.2-a+dotprod")))
+#define MRNEON 4
+#define NRNEON 4
+
+TNEON AI void neon_block(const job_t *j, int64_t m, int64_t n, const int MR, const int NR) {
+    const int8_t *xp = j->xp + m * j->kp;
+    const uint8_t *w = j->w + n * j->kb;
+    int64_t kb = j->kb, kp = j->kp, full = kb / 64, tail = kb % 64;
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    int32x4_t acc[MRNEON][NRNEON];
+    for (int a = 0; a < MR; a++)
+        for (int r = 0; r < NR; r++) acc[a][r] = vdupq_n_s32(0);
+    uint8_t buf[NRNEON][64];
+    for (int64_t c = 0; c <= full; c++) {
+        if (c == full && !tail) break;
+        const uint8_t *rows[NRNEON];
+        for (int r = 0; r < NR; r++) {
+            rows[r] = w + r * kb + c * 64;
+            if (c == full) { /* the last, partial 64 bytes: zero codes beyond the row */
+                memset(buf[r], 0, 64);
+                memcpy(buf[r], rows[r], (size_t)tail);
+                rows[r] = buf[r];
+            } else if (MR == 1) {
+                __builtin_prefetch(rows[r] + PREFETCH_ROWS * kb);
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            for (int r = 0; r < NR; r++) {
+                uint8x16_t v = vld1q_u8(rows[r] + 16 * q);
+                int8x16_t d[4] = {vreinterpretq_s8_u8(vandq_u8(v, m3)),
+                                  vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 2), m3)),
+                                  vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 4), m3)),
+                                  vreinterpretq_s8_u8(vshrq_n_u8(v, 6))};
+                for (int a = 0; a < MR; a++) {
+                    const int8_t *xa = xp + a * kp + c * 256 + 16 * q;
+                    for (int i = 0; i < 4; i++) acc[a][r] = vdotq_s32(acc[a][r], d[i], vld1q_s8(xa + 64 * i));
+                }
+            }
+        }
+    }
+    for (int a = 0; a < MR; a++)
+        for (int r = 0; r < NR; r++) store(j, m + a, n + r, vaddvq_s32(acc[a][r]) - j->xsum[m + a]);
+}
+
+TNEON static void neon_rows(const job_t *j, int64_t m, int64_t n, int mr, int nr) {
+#define CASE(A, B) \
+    case (A) * 8 + (B): neon_block(j, m, n, A, B); break;
+    switch (mr * 8 + nr) {
+        CASE(4, 4) CASE(3, 4) CASE(2, 4) CASE(1, 4)
+        CASE(4, 3) CASE(3, 3) CASE(2, 3) CASE(1, 3)
+        CASE(4, 2) CASE(3, 2) CASE(2, 2) CASE(1, 2)
+        CASE(4, 1) CASE(3, 1) CASE(2, 1) CASE(1, 1)
+    }
+#undef CASE
+}
+
+static void neon_task(const void *ctx, int64_t t) {
+    const job_t *j = ctx;
+    int64_t n0 = (t / j->tm) * j->bn, n1 = n0 + j->bn < j->N ? n0 + j->bn : j->N;
+    int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
+    for (int64_t m = m0; m < m1; m += MRNEON) {
+        int mr = m1 - m < MRNEON ? (int)(m1 - m) : MRNEON;
+        for (int64_t n = n0; n < n1; n += NRNEON) neon_rows(j, m, n, mr, n1 - n < NRNEON ? (int)(n1 - n) : NRNEON);
+    }
+}
+#endif /* __aarch64__ */
+
 /* ------------------------------------------------------------------------------------------------ */
 /* Public C ABI.                                                                                   */
 
@@ -657,11 +736,13 @@ API int tk_supported(void) {
         pthread_once(&amx_once, request_amx);
         if (amx_ok) mask |= 1 << BACKEND_AMX;
     }
+#elif defined(__aarch64__)
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) mask |= 1 << BACKEND_NEON;
 #endif
     return mask;
 }
 
-API int tk_abi_version(void) { return 3; }
+API int tk_abi_version(void) { return 4; }
 
 /* 1 if the kernels are multithreaded (built with OpenMP), else 0. */
 API int tk_openmp(void) {
@@ -753,6 +834,10 @@ static int run_matmul(job_t *j, int backend, int nthreads) {
     if (backend != BACKEND_GENERIC)
         parallel_for(backend == BACKEND_AVX512 ? avx512_task : avx2_task, j, ntasks, nthreads);
     else
+#elif defined(__aarch64__)
+    if (backend == BACKEND_NEON)
+        parallel_for(neon_task, j, ntasks, nthreads);
+    else
 #endif
         parallel_for(generic_direct_task, j, ntasks, nthreads);
     free(j->xp);
@@ -762,7 +847,7 @@ static int run_matmul(job_t *j, int backend, int nthreads) {
 }
 
 static int check_args(int backend, int64_t M, int64_t N, int64_t K) {
-    if (backend < 0 || backend > 3 || !(tk_supported() & (1 << backend))) return -1;
+    if (backend < 0 || backend > BACKEND_NEON || !(tk_supported() & (1 << backend))) return -1;
     if (M < 0 || N < 0 || K < 0 || K > (1 << 17)) return -3;
     return 0;
 }
