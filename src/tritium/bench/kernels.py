@@ -96,8 +96,8 @@ def _table(rows: list[dict[str, object]], bandwidth: float) -> str:
         lines.append(
             f"{r['m']:>4} {r['k']:>6} {r['n']:>6} | {r['fp32_ms']:8.3f} {r['bf16_ms']:8.3f} {int8} |"
             f" {r['tritium_ms']:7.3f} {r['tritium_quant_ms']:7.3f} | {r['tritium_quant_speedup_vs_fp32']:6.1f}"
-            f" {'n/a' if sp8 is None else f'{sp8:6.1f}':>6} | {r['tritium_weight_gb_s']:9.1f}"
-            f" {100 * r['tritium_weight_gb_s'] / bandwidth:5.0f}"
+            f" {'n/a' if sp8 is None else f'{sp8:6.1f}':>6} | {r['tritium_quant_weight_gb_s']:9.1f}"
+            f" {100 * r['tritium_quant_weight_gb_s'] / bandwidth:5.0f}"
         )
     return "\n".join(lines)
 
@@ -130,8 +130,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
           f" memory bandwidth {read_bandwidth:.1f} GB/s read, {bandwidth:.1f} GB/s copy (read + write)")
     print(_table(rows, read_bandwidth))
     print("tern = kernel on int8 activations; tern+q = fp32 input, per-token int8 quantization fused into"
-          " the same call; x fp32 / x int8 = speedup of tern+q; % bw = ternary weight bytes/s as % of the read"
-          f" bandwidth of a {probe['megabytes']} MB sum (weights that stay in cache can exceed it)")
+          " the same call; x fp32 / x int8 = speedup of tern+q; tern GB/s = packed weight bytes/s of tern+q;"
+          f" % bw = that as % of the read bandwidth of a {probe['megabytes']} MB sum (weights that stay in cache"
+          " can exceed it)")
     errors = {r["int8_error"] for r in rows if r.get("int8_error")}
     for e in errors:
         print(f"int8 dynamic quantization unavailable in this torch, skipped: {e}")
