@@ -27,7 +27,7 @@ most 131,072 so that ``|acc| <= 2^24`` is exact in float32.
 Backends: ``amx`` (AVX-512 VNNI for fewer than 16 rows, AMX tiles from 16 rows on), ``avx512``
 (AVX-512 VNNI), ``avx2``, ``neon`` (aarch64 with the dot-product extension), ``generic`` (portable C),
 all multithreaded with ``torch.get_num_threads()`` threads on the OpenMP runtime that torch itself uses
-(see `threaded`; like torch's own ops, a process forked after multithreaded work must call
+(see `openmp_runtime`; like torch's own ops, a process forked after multithreaded work must call
 ``torch.set_num_threads(1)`` before using them), and
 ``reference`` (pure PyTorch). The default ``auto`` picks the fastest one this CPU supports;
 ``TRITIUM_KERNEL=auto|amx|avx512|avx2|neon|generic|reference`` or `set_backend` forces one. Without the
@@ -50,7 +50,7 @@ from .reference import pack, unpack
 
 __all__ = [
     "pack", "unpack", "ternary_matmul", "quantize_rows", "ternary_linear", "set_backend", "get_backend",
-    "available_backends", "threaded", "MAX_K",
+    "available_backends", "openmp_runtime", "MAX_K",
 ]
 
 MAX_K = 1 << 17
@@ -67,10 +67,11 @@ def _reload_library() -> None:
     _backend = None
 
 
-def threaded() -> bool:
-    """True when the compiled kernels are multithreaded: built with OpenMP, they run on the OpenMP runtime
-    torch has loaded, with ``torch.get_num_threads()`` threads. False for a single-threaded build or none."""
-    return _lib is not None and bool(_lib.tk_openmp())
+def openmp_runtime() -> str | None:
+    """The file of the OpenMP runtime the compiled kernels run on (torch's own when torch ships libgomp), with
+    ``torch.get_num_threads()`` threads; None when the kernels are single-threaded or not compiled."""
+    path = "" if _lib is None else _lib.tk_openmp_runtime().decode(errors="replace")
+    return path or None
 
 
 def available_backends() -> list[str]:

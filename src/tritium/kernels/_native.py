@@ -9,7 +9,7 @@ from pathlib import Path
 
 NAME = "_tritium_kernels"
 NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2, "amx": 3, "neon": 4}
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 def _candidates() -> list[Path]:
@@ -32,7 +32,7 @@ def load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(paths[0]))
         lib.tk_supported.restype = ctypes.c_int
         lib.tk_abi_version.restype = ctypes.c_int
-        lib.tk_openmp.restype = ctypes.c_int
+        lib.tk_openmp_runtime.restype = ctypes.c_char_p
         if lib.tk_abi_version() != ABI_VERSION:
             return None, f"{paths[0]} has ABI version {lib.tk_abi_version()}, expected {ABI_VERSION} (rebuild it)"
         fns = lib.tk_ternary_matmul, lib.tk_quantize_rows, lib.tk_ternary_linear, lib.tk_test_fail_task_allocs

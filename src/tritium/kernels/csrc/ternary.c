@@ -19,12 +19,17 @@
  * q = round_half_even(x * (127.0f / a)), each float32 operation rounded as in torch. A row whose absmax is not finite (NaN or
  * inf) gets s = NaN or inf and q = 0 (the token's output is NaN either way).
  */
+#define _GNU_SOURCE /* dladdr */
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -742,14 +747,17 @@ API int tk_supported(void) {
     return mask;
 }
 
-API int tk_abi_version(void) { return 4; }
+API int tk_abi_version(void) { return 5; }
 
-/* 1 if the kernels are multithreaded (built with OpenMP), else 0. */
-API int tk_openmp(void) {
+/* The file of the OpenMP runtime the kernels run on (with torch imported first: torch's libgomp), or ""
+ * for a build without OpenMP (the kernels then run on the calling thread). */
+API const char *tk_openmp_runtime(void) {
 #ifdef _OPENMP
-    return 1;
+    Dl_info info;
+    if (dladdr((void *)&omp_get_max_threads, &info) && info.dli_fname) return info.dli_fname;
+    return "?";
 #else
-    return 0;
+    return "";
 #endif
 }
 
