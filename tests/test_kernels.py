@@ -283,6 +283,24 @@ def _composition(x, packed, n, k, sw, bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend: str) -> None:
+    """Non-contiguous activations, scales and bias (strided views) give the contiguous result."""
+    gen = torch.Generator().manual_seed(21)
+    m, n, k = 5, 24, 130
+    q = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+    packed = K.pack(q)
+    x = torch.randn(m, 2 * k, generator=gen)[:, ::2]
+    sw = (torch.rand(2 * n, generator=gen) + 0.5)[::2]
+    bias = torch.randn(3 * n, generator=gen)[::3]
+    assert not (x.is_contiguous() or sw.is_contiguous() or bias.is_contiguous())
+    want = _composition(x.contiguous(), packed, n, k, sw.contiguous(), bias.contiguous())
+    K.set_backend(backend)
+    for _ in range(3):
+        assert torch.equal(K.ternary_linear(x, packed, n, k, sw, bias), want)
+        assert torch.equal(torch.ops.tritium.ternary_linear(x, packed, n, k, sw, bias), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ternary_linear_matches_composition(backend: str) -> None:
     gen = torch.Generator().manual_seed(13)
     for i, (m, n, k) in enumerate([(1, 33, 255), (1, 64, 4101), (2, 70, 100), (7, 17, 129), (9, 20, 300),

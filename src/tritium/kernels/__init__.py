@@ -231,11 +231,12 @@ def _ternary_linear_impl(x: Tensor, packed: Tensor, n: int, k: int, sw: Tensor, 
         q, s = _quantize_reference(x)
         return reference.ternary_matmul(q, packed, n, k, s, sw, bias)
     x, packed, sw = x.contiguous(), packed.contiguous(), sw.contiguous()
+    bias = None if bias is None else bias.contiguous()  # kept alive until the native call returns
     m = x.shape[0]
     y = x.new_empty((m, n))
     rc = _lib.tk_ternary_linear(
         _native.NATIVE_IDS[backend], x.data_ptr(), packed.data_ptr(), sw.data_ptr(), sw.numel() != 1,
-        None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads(),
     )
     if rc != 0:
         _raise(backend, rc)
