@@ -1,4 +1,9 @@
-"""Node classification with SGC and GCN on Planetoid graphs (``tritium run gnn``): full-batch AdamW."""
+"""Node classification with SGC and GCN on Planetoid graphs (``tritium run gnn``): full-batch AdamW.
+
+Node features are the raw binary bag-of-words vectors (``normalize_features: false`` in both protocols,
+which reproduces the paper's fp32 and 1.58-bit SGC within 0.1 point on Cora); ``--set
+normalize_features=true`` row-normalises them (PyG's ``NormalizeFeatures``) as Kipf & Welling do.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ PAPER = {
     ("gcn", "1.58-absmean"): {"Cora": 76.03, "CiteSeer": 65.83, "PubMed": 73.51},
     ("gcn", "1.58-absmedian"): {"Cora": 75.76, "CiteSeer": 65.60, "PubMed": 73.23},
 }
-HYPER = ("epochs", "lr", "weight_decay", "hidden", "dropout", "k")
+HYPER = ("epochs", "lr", "weight_decay", "hidden", "dropout", "k", "normalize_features")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +63,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
 
     from .runner import progress, split_precision
 
-    data = load_planetoid(cfg["dataset"], args.data_dir)
+    data = load_planetoid(cfg["dataset"], args.data_dir, normalize_features=cfg["normalize_features"])
     torch.manual_seed(cfg["seed"])
     n_classes = int(data.y.max()) + 1
     if cfg["arch"] == "sgc":
