@@ -6,7 +6,7 @@
  * y[m, n] = float(acc[m, n]) * (sx[m] * sw[n]) + bias[n], acc = sum_k x[m, k] * w[n, k] exactly in int32.
  * Build with -ffp-contract=off so that the rescale is never fused: all backends agree bit for bit.
  *
- * The x86 backends work on the unsigned codes u = w + 1 in {0, 1, 2}: sum_k u*x = acc + sum_k x, so the
+ * The SIMD backends (x86 and NEON) work on the unsigned codes u = w + 1 in {0, 1, 2}: sum_k u*x = acc + sum_k x, so the
  * activation row sum is subtracted at the end. Activations are permuted once per call so that the four
  * 2-bit fields of 64 consecutive packed bytes line up with four contiguous 64-byte activation vectors:
  * within each block of 256 k, xp[i*64 + j] = x[4*j + i].
@@ -755,7 +755,7 @@ API const char *tk_openmp_runtime(void) {
 #ifdef _OPENMP
     Dl_info info;
     if (dladdr((void *)&omp_get_max_threads, &info) && info.dli_fname) return info.dli_fname;
-    return "?";
+    return "unknown";
 #else
     return "";
 #endif
@@ -904,5 +904,5 @@ API int tk_ternary_linear(int backend, const float *x, const uint8_t *w, const f
     return rc;
 }
 
-/* Test hook: the next n allocations inside pool tasks fail (n = 0 turns failures off). */
+/* Test hook: the next n allocations inside worker tasks fail (n = 0 turns failures off). */
 API void tk_test_fail_task_allocs(int n) { atomic_store(&fail_task_allocs, n); }
