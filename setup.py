@@ -28,8 +28,9 @@ class BuildExt(build_ext):
 
 kernels = Extension(
     "tritium.kernels._tritium_kernels",
-    sources=["src/tritium/kernels/csrc/ternary.c"],
-    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden", "-pthread", OPENMP],
+    sources=["src/tritium/kernels/csrc/ternary.c", "src/tritium/kernels/csrc/adamw.c"],
+    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden",
+                        "-pthread", OPENMP],
     extra_link_args=["-pthread", OPENMP],
     optional=True,
 )

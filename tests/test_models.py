@@ -1,9 +1,7 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tritium
-from tritium.experiments.textcls import use_row_grads, zero_grad
 from tritium.models import WideMLP, XorMLP
 
 IDS = torch.tensor([1, 2, 2, 5, 0, 3])
@@ -31,30 +29,6 @@ def test_widemlp_linear_input_matches_embedding_and_is_quantized():
     tritium.quantize(lin, "1.58-absmean")
     assert sorted(name for name, *_ in tritium.summary(lin).layers) == ["embed", "out"]
     assert lin(IDS, OFFSETS).shape == (3, 3)
-
-
-def test_row_grads_equal_dense_adamw_training():
-    torch.manual_seed(0)
-    dense = WideMLP(8, 3, hidden=16, dropout=0.0)
-    rows = WideMLP(8, 3, hidden=16, dropout=0.0)
-    rows.load_state_dict(dense.state_dict())
-    assert use_row_grads(rows)
-    opts = [torch.optim.AdamW(m.parameters(), lr=0.01) for m in (dense, rows)]
-    batches = [(IDS, OFFSETS), (torch.tensor([4, 4, 6, 7]), torch.tensor([0, 1, 2])), (IDS, OFFSETS)]
-    last = None
-    y = torch.tensor([0, 1, 2])
-    for ids, offsets in batches:
-        dense.zero_grad(set_to_none=True)
-        F.cross_entropy(dense(ids, offsets), y).backward()
-        opts[0].step()
-        zero_grad(rows, last)
-        F.cross_entropy(rows(ids, offsets), y).backward()
-        assert not rows.embed.weight.grad.is_sparse
-        torch.testing.assert_close(rows.embed.weight.grad, dense.embed.weight.grad)
-        opts[1].step()
-        last = ids.unique()
-    for a, b in zip(dense.parameters(), rows.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
 
 
 def test_xor_mlp_quantize_converts_both_layers():

@@ -1,9 +1,9 @@
 """Text classification with WideMLP (``tritium run mlp``) on text_gcn-layout datasets.
 
 Training: AdamW, linear learning-rate decay to zero over all steps, cross-entropy, mini-batches of
-shuffled documents. The word-embedding layer gets sparse gradients that are accumulated into a
-persistent dense gradient (only the rows of the previous batch are zeroed), so AdamW still sees and
-updates every parameter as with a dense gradient, at a fraction of the cost.
+shuffled documents. The word embedding gets sparse gradients and `tritium.optim.LazyAdamW`, which gives
+every row AdamW's update at every step (the same float32 arithmetic as a dense update) but applies the
+zero-gradient updates of a row only when a forward next reads it.
 """
 
 from __future__ import annotations
@@ -45,31 +45,6 @@ def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
             for d in datasets for s in range(args.seeds) for p in precisions(args)]
 
 
-def use_row_grads(model) -> bool:
-    """Give a WideMLP's EmbeddingBag sparse gradients that accumulate into a persistent dense gradient.
-
-    With `zero_grad` this yields exactly the dense gradient each step, while backward and zeroing only
-    touch the rows of the batch. Returns False (and changes nothing) for other input layers.
-    """
-    import torch
-
-    if not isinstance(model.embed, torch.nn.EmbeddingBag):
-        return False
-    model.embed.sparse = True
-    model.embed.weight.grad = torch.zeros_like(model.embed.weight)
-    return True
-
-
-def zero_grad(model, last_rows=None) -> None:
-    """Clear gradients: the embedding's persistent gradient only in ``last_rows``, others entirely."""
-    emb = getattr(model.embed, "weight", None)
-    for p in model.parameters():
-        if p is not emb or not getattr(model.embed, "sparse", False):
-            p.grad = None
-    if getattr(model.embed, "sparse", False) and last_rows is not None:
-        emb.grad.index_fill_(0, last_rows, 0.0)
-
-
 def _accuracy(model, split, batch_size: int = 1024) -> float:
     import torch
 
@@ -90,6 +65,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     import tritium
     from tritium.data.textcls import load_text_gcn
     from tritium.models import WideMLP
+    from tritium.optim import LazyAdamW
 
     from .runner import progress, split_precision
 
@@ -98,14 +74,16 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     model = WideMLP(len(ds.vocab), len(ds.classes), cfg["hidden"], cfg["dropout"], cfg["input_layer"])
     train_spec, ptq_spec = split_precision(cfg["precision"])
     tritium.quantize(model, train_spec)
-    sparse = use_row_grads(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
+    if isinstance(model.embed, torch.nn.EmbeddingBag):
+        model.embed.sparse = True
+    opt = LazyAdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt.watch(model)
     steps_per_epoch = math.ceil(len(ds.train) / cfg["batch_size"])
     total = cfg["epochs"] * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / total))
     g = torch.Generator().manual_seed(cfg["seed"])
     curves: dict[str, list] = {"step": [], "train_loss": [], "val_acc": [], "test_acc": []}
-    best_val, test_at_best, last_rows = -1.0, 0.0, None
+    best_val, test_at_best = -1.0, 0.0
     for epoch in progress(range(cfg["epochs"]), args, desc=f"{cfg['dataset']} {cfg['precision']}"):
         model.train()
         perm = torch.randperm(len(ds.train), generator=g)
@@ -114,12 +92,12 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
             index = perm[i: i + cfg["batch_size"]]
             ids, offsets = ds.train.batch(index)
             loss = F.cross_entropy(model(ids, offsets), ds.train.labels[index])
-            zero_grad(model, last_rows)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            last_rows = ids.unique() if sparse else None
             loss_sum += loss.item() * len(index)
+        opt.sync()
         val_acc, test_acc = _accuracy(model, ds.val), _accuracy(model, ds.test)
         if val_acc > best_val:
             best_val, test_at_best = val_acc, test_acc

@@ -289,3 +289,45 @@ def ternary_linear(
         _check(bias, "bias", torch.float32, (n,), dev)
         bias = bias.reshape(n)
     return _ternary_linear_op(x, packed.reshape(n, (k + 3) // 4), n, k, sw.reshape(-1), bias)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Lazy AdamW rows (the native part of tritium.optim.LazyAdamW; definition in csrc/adamw.c).
+
+
+def has_lazy_adamw() -> bool:
+    """Whether the compiled row update of `tritium.optim.LazyAdamW` is available."""
+    return _lib is not None
+
+
+def lazy_adamw_rows(
+    p: Tensor, m: Tensor, v: Tensor, last: Tensor, rows: Tensor, grad: Tensor | None, step: int,
+    consts: Tensor, betas: tuple[float, float], eps: float,
+) -> None:
+    """Bring ``rows`` of ``p`` (with AdamW state ``m``, ``v``) to ``step``, in place; see csrc/adamw.c.
+
+    ``p``, ``m``, ``v``: contiguous float32 ``(R, W)``; ``last``: int64 ``(R,)``, the step each row is at;
+    ``rows``: sorted distinct int64 row indices; ``grad``: float32 ``(len(rows), W)``, the gradient of
+    those rows at ``step`` (None: a zero gradient, and rows already at ``step`` stay); ``consts``: float32
+    ``(3, > step)``, per step ``1 - lr * wd``, ``lr / (1 - b1^t)``, ``1 / sqrt(1 - b2^t)``; ``betas`` and
+    ``eps`` as given to AdamW (``1 - b`` is rounded to float32 from the exact value).
+    Raises ValueError (changing nothing) for a row out of range, repeated, or already at ``step``.
+    """
+    if _lib is None:
+        raise RuntimeError(f"tritium: compiled kernels unavailable ({_load_error})")
+    r, w = p.shape
+    for name, t, dtype in (("p", p, torch.float32), ("m", m, torch.float32), ("v", v, torch.float32),
+                           ("last", last, torch.int64), ("rows", rows, torch.int64),
+                           ("consts", consts, torch.float32), ("grad", grad, torch.float32)):
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()):
+            raise TypeError(f"lazy_adamw_rows: {name} must be a contiguous {dtype} CPU tensor")
+    if m.shape != p.shape or v.shape != p.shape or last.shape != (r,) or consts.shape[0] != 3 \
+            or consts.shape[1] <= step or (grad is not None and grad.shape != (rows.numel(), w)):
+        raise ValueError("lazy_adamw_rows: inconsistent shapes")
+    rc = _lib.tk_lazy_adamw(
+        p.data_ptr(), m.data_ptr(), v.data_ptr(), last.data_ptr(), r, w, rows.data_ptr(), rows.numel(),
+        None if grad is None else grad.data_ptr(), int(step), consts[0].data_ptr(), consts[1].data_ptr(),
+        consts[2].data_ptr(), betas[0], betas[1], 1.0 - betas[0], 1.0 - betas[1], eps, torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(f"lazy_adamw_rows: rows must be sorted, distinct, in [0, {r}) and behind step {step}")

@@ -747,7 +747,7 @@ API int tk_supported(void) {
     return mask;
 }
 
-API int tk_abi_version(void) { return 5; }
+API int tk_abi_version(void) { return 6; }
 
 /* The file of the OpenMP runtime the kernels run on (with torch imported first: torch's libgomp), or ""
  * for a build without OpenMP (the kernels then run on the calling thread). */
