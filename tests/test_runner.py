@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -107,3 +108,20 @@ def test_distributed_options_rejected_for_tasks_without_them(tmp_path, capsys):
     assert main(["run", "xor", "--out", str(tmp_path / "x"), "--resume"]) == 2
     assert "does not support --resume" in capsys.readouterr().err
     assert not (tmp_path / "x" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("text, want", [("3", [0, 1, 2]), ("1-2", [1, 2]), ("4,0", [4, 0]), (2, [0, 1])])
+def test_seeds_count_range_or_list(text, want):
+    assert runner.seeds(argparse.Namespace(seeds=text)) == want
+
+
+@pytest.mark.parametrize("text", ["0", "x", "2-", "-1", "1,-2"])
+def test_bad_seeds_are_refused(text):
+    with pytest.raises(ValueError, match="--seeds"):
+        runner.seeds(argparse.Namespace(seeds=text))
+
+
+def test_seed_range_runs_only_those_seeds(tmp_path):
+    out = tmp_path / "out"
+    assert main([*XOR, "--seeds", "1-2", "--precision", "fp32", "--out", str(out)]) == 0
+    assert sorted(r["seed"] for r in rows_of(out)) == [1, 2]

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
-    from .runner import precisions
+    from .runner import precisions, seeds
 
     runs = []
     for arch in str(args.arch).split(","):
@@ -49,7 +49,7 @@ def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
             hyper.pop("k")
         for d in str(args.dataset).split(","):
             runs += [{"task": "gnn", "arch": arch, "dataset": d.strip(), "precision": p, "seed": s, **hyper}
-                     for s in range(args.seeds) for p in precisions(args)]
+                     for s in seeds(args) for p in precisions(args)]
     return runs
 
 

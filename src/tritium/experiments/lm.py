@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
     """One config per hidden size, precision and seed."""
-    from .runner import precisions
+    from .runner import precisions, seeds
 
     if args.task not in ARCHS:
         raise ValueError(f"task {args.task!r} is not a language-model task {ARCHS}")
@@ -89,7 +89,7 @@ def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
     common.update({k: v for k, v in options.items() if v})
     return [
         {**common, "hidden": h, "precision": p, "seed": s}
-        for h in _ints(args.hidden) for p in precisions(args) for s in range(int(args.seeds))
+        for h in _ints(args.hidden) for p in precisions(args) for s in seeds(args)
     ]
 
 

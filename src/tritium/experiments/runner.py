@@ -151,7 +151,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=None,
                         help="comma list of specs, e.g. fp32,1.58-absmean,1.58-absmedian,ptq-1.58-absmedian,"
                              "4-absmax (default: the protocol's)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the protocol's)")
+    parser.add_argument("--seeds", default=None,
+                        help="N: seeds 0..N-1; or A-B (A..B) or a comma list, to split seeds over machines "
+                             "(default: the protocol's)")
     parser.add_argument("--protocol", default="quick", help="hyperparameter set: quick (default) or paper")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a protocol hyperparameter (VALUE parsed as JSON), repeatable")
@@ -215,6 +217,24 @@ def precisions(args: argparse.Namespace) -> list[str]:
     out = [p.strip().lower() for p in items if p.strip()]
     for p in out:
         split_precision(p)
+    return out
+
+
+def seeds(args: argparse.Namespace) -> list[int]:
+    """The seeds of ``--seeds``: ``N`` means 0..N-1, ``A-B`` A..B, ``A,B,...`` those."""
+    text = str(args.seeds).strip()
+    try:
+        if "," in text:
+            out = [int(s) for s in text.split(",") if s.strip()]
+        elif "-" in text.lstrip("-"):
+            lo, hi = text.split("-", 1)
+            out = list(range(int(lo), int(hi) + 1))
+        else:
+            out = list(range(int(text)))
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected N, A-B or a comma list of seeds") from None
+    if not out or min(out) < 0:
+        raise ValueError(f"--seeds {text!r}: expected at least one seed, none negative")
     return out
 
 

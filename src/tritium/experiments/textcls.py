@@ -37,12 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
-    from .runner import precisions
+    from .runner import precisions, seeds
 
     hyper = {k: getattr(args, k, None) if getattr(args, k, None) is not None else protocol[k] for k in HYPER}
     datasets = [d.strip() for d in str(args.dataset).split(",") if d.strip()]
     return [{"task": "mlp", "dataset": d, "precision": p, "seed": s, "model": "widemlp", **hyper}
-            for d in datasets for s in range(args.seeds) for p in precisions(args)]
+            for d in datasets for s in seeds(args) for p in precisions(args)]
 
 
 def _accuracy(model, split, batch_size: int = 1024) -> float:

@@ -17,13 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
-    from .runner import precisions
+    from .runner import precisions, seeds
 
     return [
         {"task": "xor", "precision": p, "seed": s, "noise": args.noise, "hidden": args.hidden,
          "epochs": args.epochs, "lr": protocol["lr"], "n_train": protocol["n_train"],
          "n_test": protocol["n_test"], "optimizer": "adamw", "weight_decay": protocol["weight_decay"]}
-        for p in precisions(args) for s in range(args.seeds)
+        for p in precisions(args) for s in seeds(args)
     ]
 
 
