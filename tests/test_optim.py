@@ -181,3 +181,18 @@ def test_kernel_refuses_bad_rows_without_changing_anything():
     assert torch.equal(p, before) and last.tolist() == [0, 1, 0, 0]
     with pytest.raises(TypeError, match="float32"):
         kernels.lazy_adamw_rows(p.double(), m, v, last, torch.tensor([0]), None, 1, consts, BETAS, EPS)
+
+
+@native
+def test_subnormal_moments_are_flushed_to_zero():
+    # row 0 gets one tiny gradient, then sits out 300 steps: its first moment decays by b1 at every step
+    # into the subnormal range, where the kernel flushes it to zero (the weights are unaffected)
+    p0 = torch.ones(2, 16)
+    grads = [torch.full((2, 16), 1e-30)] + [torch.tensor([[0.0], [1.0]]).expand(2, 16).clone()] * 300
+    got, opt = run_lazy(p0, grads, sparse=True)
+    m = np.float32(1e-30) * np.float32(1 - BETAS[0])
+    for _ in range(300):
+        m = m * np.float32(BETAS[0])
+    assert 0 < m < np.finfo(np.float32).tiny  # subnormal without the flush
+    assert bool((opt.state_dict()["state"][0]["exp_avg"][0] == 0).all())
+    assert np.array_equal(got.numpy(), reference_adamw(p0.numpy(), [g.numpy() for g in grads], [LR] * 301))

@@ -6,7 +6,8 @@ zero, because their moments decay and their weights move. Those zero-gradient up
 row's own state and the step's constants, so `LazyAdamW` applies them later, just before a forward reads
 the row (or at `LazyAdamW.sync`), as one pass over the row that keeps it in registers
 (`tritium.kernels.lazy_adamw_rows`). The float32 operations are the same, in the same order, as updating
-every row at every step (`LazyAdamW(..., lazy=False)`), so the two agree bit for bit.
+every row at every step (`LazyAdamW(..., lazy=False)`), so the two agree bit for bit, except that the
+kernel flushes subnormal numbers (below 1.2e-38, as a long-unused row's first moment becomes) to zero.
 
     opt = LazyAdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     opt.watch(model)  # embeddings with sparse=True: rows are brought up to date before each forward
@@ -35,7 +36,8 @@ class LazyAdamW(torch.optim.Optimizer):
         p = p * (1 - lr * wd);  m = m * b1 + (1 - b1) * g;  v = v * b2 + ((1 - b2) * g) * g
         p = p - (lr / (1 - b1^t) * m) / (sqrt(v) * (1 / sqrt(1 - b2^t)) + eps)
 
-    It equals `torch.optim.AdamW` up to float rounding (tested) and ``lazy=False`` bit for bit.
+    It equals `torch.optim.AdamW` up to float rounding (tested) and ``lazy=False`` bit for bit (but for
+    subnormal moments, which the kernel flushes to zero).
 
     Rows that no forward has read since their last update hold stale values until `sync`: call it before
     saving or inspecting the parameters (`state_dict` syncs first). Parameters must be float32 on the CPU;
