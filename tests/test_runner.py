@@ -72,9 +72,9 @@ def test_mlp_task_end_to_end_on_tiny_data(tmp_path):
     assert (out / "mlp_test_acc_vs_bits.png").is_file()
 
 
-def test_bad_precision_and_protocol(tmp_path):
-    with pytest.raises(ValueError, match="bad precision spec"):
-        main(["run", "xor", "--precision", "3-absmax", "--out", str(tmp_path)])
+def test_bad_precision_and_protocol(tmp_path, capsys):
+    assert main(["run", "xor", "--precision", "3-absmax", "--out", str(tmp_path)]) == 2
+    assert "bad precision spec" in capsys.readouterr().err
     assert main(["run", "xor", "--protocol", "nope", "--out", str(tmp_path)]) == 2
 
 
@@ -119,6 +119,11 @@ def test_seeds_count_range_or_list(text, want):
 def test_bad_seeds_are_refused(text):
     with pytest.raises(ValueError, match="--seeds"):
         runner.seeds(argparse.Namespace(seeds=text))
+
+
+def test_bad_seeds_option_is_an_error_message(tmp_path, capsys):
+    assert main([*XOR, "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("error: --seeds '0'")
 
 
 def test_seed_range_runs_only_those_seeds(tmp_path):

@@ -279,7 +279,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_task(args: argparse.Namespace, task: ModuleType) -> int:
     protocol = apply_protocol(args)
-    args.precision = ",".join(precisions(args))
+    try:
+        args.precision = ",".join(precisions(args))
+        seeds(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
