@@ -37,6 +37,17 @@ def test_bench_train_tiny(tmp_path, capsys):
     assert "tritium absmedian" in out and "peak MiB" in out
 
 
+def test_bench_optim_tiny(tmp_path, capsys):
+    path = tmp_path / "optim.json"
+    main(["bench", "optim", "--vocab", "50", "--hidden", "8", "--doc-len", "5", "--batch", "3", "--steps", "4",
+          "--repeats", "2", "--json", str(path)])
+    data = json.loads(path.read_text())
+    assert list(data["variants"]) == ["AdamW (fused)", "LazyAdamW"]
+    assert data["variants"]["AdamW (fused)"]["speedup"] == 1.0
+    assert all(len(v["times_ms"]) == 2 for v in data["variants"].values())
+    assert "LazyAdamW" in capsys.readouterr().out
+
+
 def test_peak_memory_tracks_live_tensors():
     import torch
 

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("tritium.io", "describe a saved tritium model file"),
     "bench train": ("tritium.bench.train", "QAT training step vs nn.Linear"),
     "bench kernels": ("tritium.bench.kernels", "ternary kernels vs torch fp32/bf16/int8"),
+    "bench optim": ("tritium.bench.optim", "WideMLP step with a 31M-row-parameter embedding: AdamW vs LazyAdamW"),
     "bench model": ("tritium.bench.model", "frozen decoder generation vs fp32/bf16"),
 }
 
