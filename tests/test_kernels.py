@@ -510,7 +510,8 @@ def test_kernels_after_fork() -> None:
 # The C ABI on its own, and on ARM: tests/csrc/check_kernels.c checks every backend against a naive C
 # reference; for aarch64 the library and the check are cross-compiled and run under qemu.
 
-CSRC = Path(__file__).resolve().parents[1] / "src" / "tritium" / "kernels" / "csrc" / "ternary.c"
+CSRC = [Path(__file__).resolve().parents[1] / "src" / "tritium" / "kernels" / "csrc" / name
+        for name in ("ternary.c", "adamw.c")]
 CHECK = Path(__file__).resolve().parent / "csrc" / "check_kernels.c"
 FLAGS = ["-O2", "-std=gnu11", "-ffp-contract=off", "-pthread", "-fopenmp"]
 
@@ -536,8 +537,8 @@ def test_c_abi_against_c_reference(tmp_path: Path) -> None:
 def test_aarch64_build_bit_exact(tmp_path: Path) -> None:
     cc = "aarch64-linux-gnu-gcc"
     lib, exe = tmp_path / "libtk.so", tmp_path / "check"
-    subprocess.run([cc, *FLAGS, "-O3", "-fvisibility=hidden", "-shared", "-fPIC", "-Wall", "-Werror", str(CSRC), "-o",
-                    str(lib), "-lm"], check=True, timeout=120)
+    subprocess.run([cc, *FLAGS, "-O3", "-fvisibility=hidden", "-shared", "-fPIC", "-Wall", "-Werror", *map(str, CSRC),
+                    "-o", str(lib), "-lm"], check=True, timeout=120)
     subprocess.run([cc, *FLAGS, str(CHECK), str(lib), "-o", str(exe), f"-Wl,-rpath,{tmp_path}", "-lm"],
                    check=True, timeout=120)
     # "max" has the dot-product extension (neon and generic backends: mask 0b10001), a Cortex-A53 has not.

@@ -1,6 +1,7 @@
 /* Stand-alone check of the kernel library's C ABI against a naive reference written here, for machines
  * without Python and torch (tests/test_kernels.py cross-compiles it for aarch64 and runs it under qemu).
- * Exit status 0 when every backend the CPU supports matches the reference bit for bit. */
+ * Exit status 0 when every backend the CPU supports matches the reference bit for bit, and so does the
+ * lazy AdamW row update. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -12,6 +13,9 @@ int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const floa
                       int sw_per_channel, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nthreads);
 int tk_ternary_linear(int backend, const float *x, const uint8_t *w, const float *sw, int sw_per_channel,
                       const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nthreads);
+int tk_lazy_adamw(float *p, float *m, float *v, int64_t *last, int64_t nrows_total, int64_t width, const int64_t *rows,
+                  int64_t nrows, const float *grad, int64_t step, const float *a, const float *st, const float *ibc,
+                  float b1, float b2, float c1, float c2, float eps, int nthreads);
 
 static uint64_t state = 88172645463325252ull;
 static uint32_t rnd(void) { /* xorshift64 */
@@ -60,6 +64,43 @@ static void quantize(const float *x, int8_t *q, float *s, int64_t m, int64_t k) 
     }
 }
 
+/* Lazy AdamW (rows present with probability 1/3 per step, then a final catch-up of every row) against
+ * the eager AdamW update of every element at every step, absent rows with a zero gradient. */
+static int check_lazy_adamw(int threads) {
+    enum { R = 9, W = 150, T = 40 };
+    static float p[R * W], m[R * W], v[R * W], pe[R * W], me[R * W], ve[R * W], g[R * W], gl[R * W];
+    float a[T + 1], st[T + 1], ibc[T + 1];
+    const float b1 = 0.9f, b2 = 0.999f, c1 = 0.1f, c2 = 0.001f, eps = 1e-8f;
+    int64_t last[R] = {0}, rows[R], all[R];
+    for (int i = 0; i < R * W; i++) p[i] = pe[i] = rndf(), m[i] = v[i] = me[i] = ve[i] = 0.0f;
+    for (int r = 0; r < R; r++) all[r] = r;
+    int rc = 0;
+    for (int t = 1; t <= T; t++) {
+        double lr = 0.01 * (1.0 - t / 50.0);
+        a[t] = (float)(1.0 - lr * 0.1), st[t] = (float)(lr / (1.0 - pow(0.9, t)));
+        ibc[t] = (float)(1.0 / sqrt(1.0 - pow(0.999, t)));
+        int64_t n = 0;
+        memset(g, 0, sizeof g);
+        for (int r = 0; r < R; r++)
+            if (rnd() % 3 == 0) {
+                for (int k = 0; k < W; k++) g[r * W + k] = gl[n * W + k] = rndf();
+                rows[n++] = r;
+            }
+        for (int i = 0; i < R * W; i++) {
+            pe[i] = pe[i] * a[t];
+            me[i] = me[i] * b1 + c1 * g[i];
+            ve[i] = ve[i] * b2 + (c2 * g[i]) * g[i];
+            pe[i] = pe[i] - (st[t] * me[i]) / (sqrtf(ve[i]) * ibc[t] + eps);
+        }
+        rc |= tk_lazy_adamw(p, m, v, last, R, W, rows, n, gl, t, a, st, ibc, b1, b2, c1, c2, eps, threads);
+    }
+    rc |= tk_lazy_adamw(p, m, v, last, R, W, all, R, NULL, T, a, st, ibc, b1, b2, c1, c2, eps, threads);
+    int bad = rc != 0;
+    for (int i = 0; i < R * W; i++) bad |= p[i] != pe[i] || m[i] != me[i] || v[i] != ve[i];
+    if (bad) printf("MISMATCH lazy adamw threads %d\n", threads);
+    return bad;
+}
+
 int main(void) {
     const int64_t shapes[][3] = {{1, 1, 1}, {1, 5, 3}, {1, 33, 255}, {1, 64, 4096}, {7, 17, 129},
                                  {7, 64, 512}, {33, 100, 65}, {20, 48, 1030}, {0, 8, 64}, {3, 0, 64}};
@@ -96,6 +137,7 @@ int main(void) {
             free(q), free(x), free(p), free(xf), free(sx), free(sw), free(bias), free(want), free(got);
         }
     }
+    for (int threads = 1; threads <= 2; threads++, cases++) failures += check_lazy_adamw(threads);
     printf("%d cases, %d failures, backends mask %d\n", cases, failures, mask);
     return failures != 0 || cases == 0;
 }
