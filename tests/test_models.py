@@ -31,6 +31,32 @@ def test_widemlp_linear_input_matches_embedding_and_is_quantized():
     assert lin(IDS, OFFSETS).shape == (3, 3)
 
 
+def test_bag_mean_sparse_gradient_matches_torch():
+    from tritium.models.mlp import BagMean
+
+    torch.manual_seed(0)
+    ids, offsets = torch.tensor([3, 1, 3, 3, 0, 7, 1, 1]), torch.tensor([0, 3, 3, 5])  # bag 1 is empty
+    grad = torch.randn(4, 6)
+    fast = BagMean(9, 6, sparse=True)
+    ref = torch.nn.EmbeddingBag(9, 6, mode="mean", sparse=True)
+    ref.load_state_dict(fast.state_dict())
+    out, want = fast(ids, offsets), ref(ids, offsets)
+    torch.testing.assert_close(out, want)
+    out.backward(grad)
+    want.backward(grad)
+    g = fast.weight.grad
+    assert g.is_sparse and g._indices()[0].tolist() == [0, 1, 3, 7]  # one entry per distinct id, sorted
+    torch.testing.assert_close(g.to_dense(), ref.weight.grad.to_dense())
+    # a plain loop over the bags, as a third opinion
+    dense = torch.zeros(9, 6)
+    for b, (start, end) in enumerate(zip(offsets.tolist(), offsets.tolist()[1:] + [ids.numel()], strict=True)):
+        for i in ids[start:end].tolist():
+            dense[i] += grad[b] / (end - start)
+    torch.testing.assert_close(g.to_dense(), dense)
+    with torch.no_grad():  # inference and dense mode take torch's path
+        torch.testing.assert_close(fast(ids, offsets), want)
+
+
 def test_xor_mlp_quantize_converts_both_layers():
     model = tritium.quantize(XorMLP(4, 8), "1.58-absmean")
     assert tritium.summary(model).as_dict()["layers_converted"] == 2

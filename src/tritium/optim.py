@@ -128,8 +128,11 @@ class LazyAdamW(torch.optim.Optimizer):
         t, (rows_total, width) = state["step"], (_rows(p), p.numel() // max(_rows(p), 1))
         views = [x.view(rows_total, width) for x in (p, state["exp_avg"], state["exp_avg_sq"])]
         if grad.is_sparse:
-            grad = grad.coalesce()
-            rows, values = grad.indices()[0], grad.values().reshape(-1, width).to(torch.float32).contiguous()
+            rows, values = grad._indices()[0], grad._values()
+            if not (grad.is_coalesced() or rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())):
+                grad = grad.coalesce()  # (BagMean's gradient comes with distinct sorted rows already)
+                rows, values = grad.indices()[0], grad.values()
+            values = values.reshape(-1, width).to(torch.float32).contiguous()
         else:
             rows, values = torch.arange(rows_total), grad.reshape(rows_total, width).to(torch.float32).contiguous()
         if self.lazy:

@@ -6,6 +6,42 @@ import torch
 from torch import Tensor, nn
 
 
+class _SparseBagMean(torch.autograd.Function):
+    """``F.embedding_bag(ids, weight, offsets, mode="mean")`` whose weight gradient is a coalesced sparse tensor
+    over the batch's distinct ids, computed as one (distinct ids x bags) @ (bags x dim) product."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor, offsets: Tensor) -> Tensor:
+        ctx.save_for_backward(ids, offsets)
+        ctx.num_rows = weight.shape[0]
+        return torch.nn.functional.embedding_bag(ids, weight, offsets, mode="mean")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        ids, offsets = ctx.saved_tensors
+        lengths = torch.diff(offsets, append=offsets.new_tensor([ids.numel()]))
+        bag = torch.repeat_interleave(torch.arange(offsets.numel(), device=ids.device), lengths)
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        share = torch.zeros(rows.numel(), offsets.numel(), dtype=grad.dtype, device=grad.device)
+        share.index_put_((inverse, bag), (1.0 / lengths.clamp(min=1)).to(grad.dtype)[bag], accumulate=True)
+        return torch.sparse_coo_tensor(rows[None], share @ grad, (ctx.num_rows, grad.shape[1]),
+                                       is_coalesced=True, check_invariants=False), None, None
+
+
+class BagMean(nn.EmbeddingBag):
+    """`nn.EmbeddingBag` in mean mode; with ``sparse=True`` its sparse weight gradient is computed as one small
+    matrix product and comes coalesced, several times faster than torch's per-occurrence sparse backward."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, sparse: bool = False) -> None:
+        super().__init__(num_embeddings, embedding_dim, mode="mean", sparse=sparse)
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+        if self.sparse and input.dim() == 1 and offsets is not None and per_sample_weights is None \
+                and self.weight.requires_grad and torch.is_grad_enabled():
+            return _SparseBagMean.apply(self.weight, input, offsets)
+        return super().forward(input, offsets, per_sample_weights)
+
+
 class WideMLP(nn.Module):
     """Bag of words -> mean of word vectors (width ``hidden``) -> ReLU -> dropout -> Linear to classes.
 
@@ -13,8 +49,9 @@ class WideMLP(nn.Module):
     (``offsets``), as for `nn.EmbeddingBag`.
 
     Args:
-        input_layer: "embedding" (default): an `nn.EmbeddingBag` (mode "mean"), which `tritium.quantize`
-            leaves in full precision, so only the output layer is quantized, as in the paper.
+        input_layer: "embedding" (default): an `nn.EmbeddingBag` (mode "mean"; a `BagMean`, whose sparse
+            gradient is faster), which `tritium.quantize` leaves in full precision, so only the output layer
+            is quantized, as in the paper.
             "linear": an `nn.Linear(vocab_size, hidden)` applied to each document's mean one-hot vector
             (the same function, plus a bias), which `tritium.quantize` converts too. It materialises a
             (batch, vocab_size) input, so it is slower.
@@ -27,7 +64,7 @@ class WideMLP(nn.Module):
             raise ValueError(f"input_layer={input_layer!r}: choose 'embedding' or 'linear'")
         self.vocab_size, self.input_layer = vocab_size, input_layer
         if input_layer == "embedding":
-            self.embed = nn.EmbeddingBag(vocab_size, hidden, mode="mean")
+            self.embed = BagMean(vocab_size, hidden)
         else:
             self.embed = nn.Linear(vocab_size, hidden)
         self.dropout = nn.Dropout(dropout)
