@@ -14,7 +14,7 @@ from pathlib import Path
 
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True
-GROUP_BY = ("dataset",)
+GROUP_BY = ("input_layer", "dataset")
 #: Test accuracy (%) of Nielsen et al. (2024), Table 1.
 PAPER = {
     "fp32": {"20ng": 83.31, "R8": 97.27, "R52": 93.89, "ohsumed": 63.95, "MR": 76.72},
@@ -120,7 +120,7 @@ def report(rows: list[dict], out: Path) -> str:
     """Validation accuracies and data sizes per dataset and precision."""
     from .report import paper_comparison, summary_table
 
-    published = {(d, p): v for p, per in PAPER.items() for d, v in per.items()}
+    published = {("embedding", d, p): v for p, per in PAPER.items() for d, v in per.items()}
     parts = ["### WideMLP: test accuracy against the paper", "", paper_comparison(rows, GROUP_BY, METRIC, published),
              "### WideMLP: best validation accuracy", "", summary_table(rows, GROUP_BY, "best_val_acc"),
              "### WideMLP: test accuracy at the epoch of best validation accuracy", "",
