@@ -1,5 +1,6 @@
 """BitLinear against an independent reference written here, STE gradients, edge cases, compile."""
 
+import copy
 import itertools
 
 import pytest
@@ -54,7 +55,8 @@ def ref_act(x: torch.Tensor, bits: int | None) -> torch.Tensor:
         return x.double()
     qmax = 2 ** (bits - 1) - 1
     a = x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
-    return (torch.clamp(torch.round(x * (qmax / a)), -qmax, qmax) * (a / qmax)).double()
+    big_q = torch.full_like(a, qmax)  # true divisions, as the definition (not a reciprocal multiply)
+    return (torch.clamp(torch.round(x * (big_q / a)), -qmax, qmax) * (a / big_q)).double()
 
 
 def ref_forward(x, w, b, cfg: BitConfig) -> torch.Tensor:
@@ -262,3 +264,118 @@ def test_autocast_bf16_forward_backward(spec):
     assert x.grad.dtype == torch.float32 and model[0].weight.grad.dtype == torch.float32
     ref = model(x.detach())  # fp32 forward: autocast only rounds the matmul
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-precision dtypes: the float32 maths, rounded once
+
+
+def _fp32_copy(layer: BitLinear) -> BitLinear:
+    return copy.deepcopy(layer).float()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    view = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.view(view)[~a.isnan()], b.view(view)[~b.isnan()])
+
+
+LOW_CONFIGS = [
+    BitConfig(), BitConfig(measure="absmean", granularity="channel"), BitConfig(norm="rmsnorm", act_bits=4),
+    BitConfig(weight_bits=4, measure="absmax", granularity=("group", 8)), BitConfig(act_bits=None, norm=None),
+    BitConfig(lambda_=0.5), BitConfig(weight_bits=1, measure="absmean", norm=None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", LOW_CONFIGS, ids=lambda c: f"{c.spec}-{c.norm}-{c.lambda_}")
+def test_low_precision_is_fp32_rounded_once(dtype, cfg):
+    torch.manual_seed(10)
+    layer = BitLinear(48, 20, config=cfg, dtype=dtype)
+    ref = _fp32_copy(layer)
+    x = (torch.randn(2, 7, 48) * 4).to(dtype).requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype
+    assert _same_bits(y, ref(x.detach().float()).to(dtype))
+    y.float().square().sum().backward()  # straight-through gradients, in the parameters' dtypes
+    assert x.grad.dtype == dtype and layer.weight.grad.dtype == dtype and layer.bias.grad.dtype == dtype
+    assert torch.isfinite(x.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_fp32_rounded_once(dtype):
+    torch.manual_seed(11)
+    model = nn.Sequential(BitLinear(32, 24), nn.GELU(), BitLinear(24, 8, config=BitConfig(granularity="channel")))
+    x = torch.randn(5, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = model[0](x)
+        z = model(x)
+    assert y.dtype == dtype and z.dtype == dtype
+    assert _same_bits(y, model[0](x).to(dtype))
+    z.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and model[0].weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_integer_product_does_not_overflow(dtype):
+    """127 * 1024 aligned products exceed fp16's range (65504); the layer keeps them in float32."""
+    layer = BitLinear(1024, 3, bias=False, config=BitConfig(norm=None), dtype=dtype)
+    with torch.no_grad():
+        layer.weight.fill_(0.02)
+    x = torch.full((2, 1024), 0.5, dtype=dtype)
+    y = layer(x)  # acc = 127 * 1024 = 130048, then * (0.5 / 127) * 0.02 = 10.24
+    want = _fp32_copy(layer)(x.float())
+    assert torch.isfinite(y).all() and _same_bits(y, want.to(dtype))
+    torch.testing.assert_close(want, torch.full((2, 3), 1024 * 0.5 * 0.02), rtol=1e-2, atol=0)
+
+
+def test_zero_sized_layers_work_like_linear():
+    for k, n in ((0, 4), (4, 0), (0, 0)):
+        layer, lin = BitLinear(k, n), nn.Linear(k, n)
+        with torch.no_grad():
+            lin.bias.copy_(layer.bias)
+        x = torch.randn(3, k, requires_grad=True)
+        y = layer(x)
+        assert y.shape == lin(x).shape == (3, n)
+        assert torch.equal(y, lin(x))  # the bias (in_features = 0) or empty
+        y.sum().backward()
+        assert x.grad.shape == (3, k) and layer.weight.grad.shape == (n, k)
+        assert torch.equal(layer.bias.grad, torch.full((n,), 3.0))
+        for spec in ("1.58-absmean-channel", "4-absmax-group2", "1-absmedian"):
+            BitLinear(k, n, config=parse_spec(spec))(torch.randn(2, k)).sum()
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((-1, 4), ValueError, "in_features=-1"), ((4, -2), ValueError, "out_features=-2"),
+    ((4.0, 4), TypeError, "in_features=4.0"), ((4, True), TypeError, "out_features=True"),
+    (("4", 4), TypeError, "in_features='4'"),
+])
+def test_bad_features_raise(args, error, match):
+    with pytest.raises(error, match=match):
+        BitLinear(*args)
+    with pytest.raises(TypeError, match="config must be a BitConfig"):
+        BitLinear(4, 4, config="1.58")
+
+
+def test_zero_output_is_positive_zero():
+    """A product that sums to zero gives +0, as the integer kernels do (not -0 from -127 * 0)."""
+    layer = BitLinear(3, 1, bias=False, config=BitConfig(measure="absmax", granularity="channel", norm=None))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.2, 1.0]]))
+    y = layer(torch.tensor([[-1.0, -1.0, -1e-9]]))
+    assert y.item() == 0 and not torch.signbit(y).any()
+
+
+def test_inductor_matches_eager_bit_for_bit():
+    """The quantizers and the rescale compile to the same float32 operations (a float reduction such as
+    layernorm or absmean may be reordered by the compiler, so this uses neither)."""
+    torch.manual_seed(12)
+    layer = BitLinear(96, 40, config=BitConfig(measure="absmax", granularity="channel", norm=None))
+    a = torch.tensor(4.143383979797363)
+    x = torch.randn(17, 96)
+    x = x / x.abs().amax(-1, keepdim=True) * a
+    x[:, 0] = torch.tensor(1.745441198348999)  # a rounding tie of the float32 definition
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+    assert _same_bits(compiled, eager)

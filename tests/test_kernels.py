@@ -254,6 +254,11 @@ def test_quantize_rows_bit_exact(backend: str) -> None:
     q, s = K.quantize_rows(x)
     assert s.item() == 1.0 and q[0, :8].tolist() == [127, 2, -4, 0, 0, 2, 126, -126]
     _assert_quant_equal(x, q, s, backend)
+    # a tie with absmax != 127: x * fl(127 / a) is just below 53.5, while x * (127 * fl(1 / a)) is 53.5
+    x = torch.tensor([[1.745441198348999, 4.143383979797363, -1.745441198348999, 0.0]])
+    q, s = K.quantize_rows(x)
+    assert q[0].tolist() == [53, 127, -53, 0]
+    _assert_quant_equal(x, q, s, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

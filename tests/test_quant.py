@@ -1,5 +1,7 @@
 """Spec strings, the weight/activation quantizers and the sampled median."""
 
+import re
+
 import pytest
 import torch
 
@@ -47,8 +49,45 @@ def test_config_validation():
         BitConfig(act_bits=16)
     with pytest.raises(ValueError, match="norm"):
         BitConfig(norm="batchnorm")
-    with pytest.raises(ValueError, match="weight_bits"):
+    with pytest.raises(TypeError, match="weight_bits=True"):
         BitConfig(weight_bits=True)
+
+
+@pytest.mark.parametrize("bad", ["1.58-absmedian-absmean", "1.58-a8-a4", "1.58-channel-group8",
+                                 "1.58-tensor-tensor", "4-absmax-afp-a8", "2-group8-group16"])
+def test_spec_part_given_twice_raises(bad):
+    with pytest.raises(ValueError, match="both set the"):
+        parse_spec(bad)
+
+
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("weight_bits", "1.58", TypeError), ("weight_bits", None, TypeError), ("weight_bits", 3, ValueError),
+        ("measure", 1, TypeError), ("measure", None, TypeError), ("measure", "mean", ValueError),
+        ("granularity", 5, TypeError), ("granularity", ("group", 8.0), TypeError),
+        ("granularity", ("group", True), TypeError), ("granularity", ("group", 0), ValueError),
+        ("granularity", ("block", 8), ValueError), ("act_bits", 8.0, TypeError), ("act_bits", True, TypeError),
+        ("act_bits", "8", TypeError), ("act_bits", 16, ValueError), ("norm", 3, TypeError),
+        ("norm", "batchnorm", ValueError), ("lambda_", "0.5", TypeError), ("lambda_", None, TypeError),
+        ("lambda_", True, TypeError), ("lambda_", float("nan"), ValueError), ("lambda_", -0.1, ValueError),
+        ("median_sample", 1.5, TypeError), ("median_sample", True, TypeError), ("median_sample", "8", TypeError),
+        ("median_sample", -1, ValueError),
+    ],
+)
+def test_config_field_types_and_values(field, value, error):
+    with pytest.raises(error, match=re.escape(f"{field}={value!r}")):
+        BitConfig(**{field: value})
+
+
+def test_config_accepts_and_normalizes_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = BitConfig(weight_bits=4.0, lambda_=1, median_sample=np.int64(5), granularity=["group", np.int32(8)],
+                    act_bits=np.int64(4))
+    assert cfg == BitConfig(weight_bits=4, lambda_=1.0, median_sample=5, granularity=("group", 8), act_bits=4)
+    assert type(cfg.lambda_) is float and type(cfg.median_sample) is int and type(cfg.group_size) is int
+    assert type(cfg.act_bits) is int and cfg.weight_bits == 4 and type(cfg.weight_bits) is int
+    assert BitConfig(lambda_=np.float32(0.5)).lambda_ == 0.5
 
 
 def test_activation_quant_reference():

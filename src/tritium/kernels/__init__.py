@@ -15,11 +15,15 @@ Activations may use the full int8 range [-128, 127] (the quantizer produces [-12
 most 131,072 so that ``|acc| <= 2^24`` is exact in float32.
 
 * ``quantize_rows(x)``: float32 ``(M, K)`` -> int8 ``q`` ``(M, K)`` and float32 ``s`` ``(M,)``, the per-token
-  8-bit activation quantizer. Its definition is `tritium.quant.quantize_act` (``x, 8``):
-  ``a = max(absmax(x_row), 1e-5)``, ``s = a / 127``, ``q = round_half_even(x * (127 / a))``. The native
-  backends compute it in C and are tested bit-exact (``q`` and ``s``) against ``quant.quantize_act`` for every backend
-  (tests/test_kernels.py); change the maths in quant.py and the C code together. A row with a NaN gets
-  ``s = NaN`` (an inf: ``s = inf``) and ``q = 0``, so that token's output is NaN.
+  8-bit activation quantizer. Its definition is `tritium.quant.quantize_act` (``x, 8``), four correctly
+  rounded float32 operations per row: ``a = max(absmax(x_row), 1e-5)``, ``inv = 127 / a`` (true division,
+  not ``127 * (1 / a)``), ``q = round_half_even(x * inv)``, ``s = a / 127`` (true division). The native
+  backends compute exactly these operations in C (no fused multiply-add, no reciprocal estimate) and are
+  tested bit-exact (``q`` and ``s``), rounding ties included, against ``quant.quantize_act`` and against
+  an independent numpy reference for every backend (tests/test_kernels.py, tests/test_quant_properties.py);
+  change the maths in quant.py and the C code together. A row with a NaN gets ``s = NaN`` (an inf:
+  ``s = inf``) and ``q = 0``, so that token's output is NaN. An empty row (``K = 0``) gets
+  ``s = 1e-5 / 127``.
 * ``ternary_linear(x, packed, n, k, sw, bias)``: ``ternary_matmul(*quantize_rows(x), ...)`` in one native
   call (the int8 rows go straight into the kernel's activation layout), bit-identical to the
   composition. `tritium.nn.TernaryLinear` runs on it.
@@ -194,9 +198,6 @@ def ternary_matmul(
 
 def _quantize_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     """``quant.quantize_act(x, 8)`` as int8 ``(M, K)`` and float32 ``(M,)`` (q = 0 where s is NaN or inf)."""
-    if x.shape[1] == 0:  # absmax of an empty row is 0 (torch's amax refuses an empty reduction)
-        s = torch.full((x.shape[0],), quant.ACT_EPS, dtype=torch.float32, device=x.device) / 127
-        return x.new_empty(x.shape, dtype=torch.int8), s
     q, s = quant.quantize_act(x, 8)
     return q.nan_to_num_(0.0).to(torch.int8), s.reshape(x.shape[0])
 

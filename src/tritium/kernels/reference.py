@@ -37,6 +37,7 @@ def ternary_matmul(
     """``float(xq @ q^T) * (sx[:, None] * sw[None, :]) + bias`` with ``q = unpack(packed, n, k)``."""
     w = unpack(packed, n, k).to(torch.float32)
     acc = xq.to(torch.float32) @ w.t()  # exact: |acc| <= 128 * K <= 2^24 for K <= 131,072
+    acc.add_(0.0)  # an integer sum is +0, never -0 (a float sum of products such as -5 * 0 can give -0)
     y = acc * (sx.reshape(-1, 1) * sw.reshape(1, -1))
     if bias is not None:
         y = y + bias

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,16 +14,20 @@ from ..config import BitConfig
 
 
 class _QuantLinear(torch.autograd.Function):
-    """``y = Q(x) @ Q(W)^T (rescaled) + bias`` with straight-through gradients.
+    """``y = Q(x) @ Q(W)^T (rescaled) + bias`` in float32, rounded to ``out_dtype``, with straight-through
+    gradients.
 
-    Backward gives ``dx = dy @ W_used`` and ``dW = dy^T @ x_used`` (identity through both quantizers,
-    scales detached), where ``*_used`` are the dequantized (and, during warm-up, blended) operands.
-    It keeps only what backward needs: integer operands as int8 plus their scales where the integer
-    form is exact, the float operand otherwise.
+    ``x`` is float32; ``weight`` and ``bias`` may have any float dtype and are used upcast to float32, so
+    the result is the float32 layer's, rounded once. Backward gives ``dx = dy @ W_used`` and
+    ``dW = dy^T @ x_used`` (identity through both quantizers, scales detached) in ``dy``'s dtype, where
+    ``*_used`` are the dequantized (and, during warm-up, blended) operands. It keeps only what backward
+    needs: integer operands as int8 plus their float32 scales where the integer form is exact, the float
+    operand (in ``out_dtype``) otherwise.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_bits, measure, granularity, act_bits, lambda_, median_sample):
+    def forward(ctx, x, weight, bias, weight_bits, measure, granularity, act_bits, lambda_, median_sample,
+                out_dtype):
         cfg = BitConfig(weight_bits, measure, granularity, act_bits, None, lambda_, median_sample)
         n = weight.shape[0]
         blend = lambda_ != 1.0
@@ -33,42 +40,44 @@ class _QuantLinear(torch.autograd.Function):
             if blend:
                 x_used, sx = x.lerp(x_used * sx, lambda_), None
         # Weights: int-valued q with a per-tensor/per-row scale sw, or a float operand (sw None).
-        wq, ws = quant.quantize_weight(weight, cfg)
+        wf = weight.detach().float()
+        wq, ws = quant.quantize_weight(wf, cfg)
         sw = None if blend else quant.row_scale(ws, n)
-        if sw is None:
-            w_used = weight.detach().lerp(quant.dequantize_weight(wq, ws), lambda_)
-        else:
-            w_used, sw = wq, sw.to(weight.dtype)
+        w_used = wf.lerp(quant.dequantize_weight(wq, ws), lambda_) if sw is None else wq
+        # Integer operands make an exact float32 product (|acc| <= 2^24); the rescale is float32 too.
         y = F.linear(x_used, w_used)
         if sx is not None or sw is not None:
             y.mul_(sw if sx is None else sx if sw is None else sx * sw)
         if bias is not None:
-            y.add_(bias)
+            y.add_(bias.float())
+        else:  # a zero sum is +0 as in integer arithmetic (a float sum of products such as -5 * 0 gives -0)
+            y.add_(0.0)
         ctx.save_for_backward(
-            x_used if sx is None else x_used.to(torch.int8), sx,
-            w_used if sw is None else w_used.to(torch.int8), sw,
+            x_used.to(out_dtype) if sx is None else x_used.to(torch.int8), sx,
+            w_used.to(out_dtype) if sw is None else w_used.to(torch.int8), sw,
         )
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x_used, sx, w_used, sw = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        dt = dy.dtype  # under autocast dy may differ from the inputs' dtype: compute in dy's
+        dt = dy.dtype  # the output dtype: gradients are computed in it
         dx = dW = db = None
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        rows = math.prod(dy.shape[:-1])  # explicit: a -1 is ambiguous when a dimension is 0
+        dy2 = dy.reshape(rows, dy.shape[-1])
         if ctx.needs_input_grad[0]:  # dx = dy @ (w * sw): scale whichever operand is smallest
             w = w_used.to(dt)
             dx = _scaled_matmul(dy2, w, None if sw is None else sw.to(dt).reshape(-1, 1) if sw.dim() else sw.to(dt))
             dx = dx.reshape(*dy.shape[:-1], w.shape[1]).to(x_dtype)
             del w
         if ctx.needs_input_grad[1]:  # dW = dy^T @ (x * sx)
-            x = x_used.to(dt).reshape(-1, x_used.shape[-1])
+            x = x_used.to(dt).reshape(rows, x_used.shape[-1])
             dW = _scaled_matmul(dy2.t(), x, None if sx is None else sx.to(dt).reshape(-1, 1)).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(b_dtype)
-        return dx, dW, db, None, None, None, None, None, None
+        return dx, dW, db, None, None, None, None, None, None, None
 
 
 def _scaled_matmul(a: Tensor, b: Tensor, scale: Tensor | None) -> Tensor:
@@ -92,7 +101,11 @@ class BitLinear(nn.Linear):
     checkpoint loads into either class. Forward: parameter-free input norm, per-token activation
     quantization, weight quantization, integer matmul, rescale, then ``+ bias`` (the bias is added after
     rescaling, so it is not divided by the per-token scale, unlike the reference ``bitlinear`` package).
-    Gradients are straight-through. Train and eval mode compute the same function.
+    All of it runs in float32 whatever the input and parameter dtypes (bf16, fp16, under ``torch.autocast``
+    too), and only the output is rounded to the input's dtype (the autocast dtype under autocast): a bf16
+    layer gives exactly the float32 layer's output on the upcast input and parameters, rounded to bf16, and
+    its integer product cannot overflow. Gradients are straight-through, computed in the output's dtype.
+    Train and eval mode compute the same function.
 
     Args:
         in_features, out_features, bias, device, dtype: as for `nn.Linear`.
@@ -108,6 +121,11 @@ class BitLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"BitLinear: {name}={value!r} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"BitLinear: {name}={value!r} must be >= 0")
         config = BitConfig() if config is None else config
         if not isinstance(config, BitConfig):
             raise TypeError(f"config must be a BitConfig, got {type(config).__name__}")
@@ -134,18 +152,31 @@ class BitLinear(nn.Linear):
                 f"{type(self).__name__}: input last dimension is {x.shape[-1]}, expected in_features="
                 f"{self.in_features} (input shape {tuple(x.shape)})"
             )
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # the autocast dtype is only the output's: the layer's maths stays float32
+            with torch.autocast(device_type, enabled=False):
+                return self._forward(x, torch.get_autocast_dtype(device_type))
+        return self._forward(x, x.dtype)
+
+    def _forward(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         c = self.config
-        x = quant.input_norm(x, c.norm)
+        x = quant.input_norm(x.float(), c.norm)
         return _QuantLinear.apply(
-            x, self.weight, self.bias, c.weight_bits, c.measure, c.granularity, c.act_bits,
-            float(c.lambda_), c.median_sample,
+            x, self.linear_weight(), self.bias, c.weight_bits, c.measure, c.granularity, c.act_bits,
+            float(c.lambda_), c.median_sample, out_dtype,
         )
+
+    def linear_weight(self) -> Tensor:
+        """The latent weight in `nn.Linear` layout ``(out_features, in_features)``."""
+        return self.weight
 
     @torch.no_grad()
     def quantized_weight(self) -> Tensor:
-        """The dequantized weight the forward uses (``q * s``, blended by ``lambda_``)."""
-        q, s = quant.quantize_weight(self.weight, self.config)
-        return self.weight.lerp(quant.dequantize_weight(q, s), float(self.config.lambda_))
+        """The dequantized weight the forward uses (``q * s``, blended by ``lambda_``), in `nn.Linear` layout."""
+        w = self.linear_weight()
+        q, s = quant.quantize_weight(w, self.config)
+        return w.lerp(quant.dequantize_weight(q, s), float(self.config.lambda_))
 
     def extra_repr(self) -> str:
         c = self.config

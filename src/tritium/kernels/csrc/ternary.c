@@ -15,9 +15,11 @@
  * (p = packed byte index) and reuses it for up to 512 activation rows (TDPBSUD: signed x unsigned).
  *
  * The activation quantizer (tk_quantize_rows, and fused with the matmul in tk_ternary_linear) reproduces
- * tritium.quant.quantize_act(x, 8) bit for bit on float32 rows: a = max(absmax(x), 1e-5f), s = a / 127.0f,
- * q = round_half_even(x * (127.0f / a)), each float32 operation rounded as in torch. A row whose absmax is not finite (NaN or
- * inf) gets s = NaN or inf and q = 0 (the token's output is NaN either way).
+ * tritium.quant.quantize_act(x, 8) bit for bit on float32 rows, as the same four IEEE float32 operations:
+ * a = max(absmax(x), 1e-5f), inv = 127.0f / a (true division), q = round_half_even(x * inv) (a separate
+ * multiply, then round to nearest even), s = a / 127.0f (true division). No backend uses a reciprocal
+ * estimate or a fused multiply-add here (-ffp-contract=off, no -ffast-math). A row whose absmax is not
+ * finite (NaN or inf) gets s = NaN or inf and q = 0 (the token's output is NaN either way).
  */
 #define _GNU_SOURCE /* dladdr */
 #include <dlfcn.h>
@@ -102,8 +104,10 @@ typedef struct {
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Per-token int8 activation quantizer, bit-exact with tritium.quant.quantize_act(x, 8):             */
-/* a = max(absmax, 1e-5f), s = a / 127.0f, q = round_half_even(x * (127.0f / a)). absmax is the max of the */
-/* sign-cleared bit patterns: for finite values that orders like |x|, and NaN patterns sort above inf. */
+/* a = max(absmax, 1e-5f), inv = 127.0f / a, q = round_half_even(x * inv), s = a / 127.0f, each one    */
+/* correctly rounded float32 operation (both quotients are true divisions, as in quant.py). absmax is   */
+/* the max of the sign-cleared bit patterns: for finite values that orders like |x|, and NaN patterns  */
+/* sort above inf. Every backend's row quantizer uses this function for a, inv and s.                 */
 
 #define FINITE_LIMIT 0x7f800000u /* bits of +inf */
 
@@ -112,8 +116,8 @@ static float row_scale(uint32_t absbits, float *inv) {
     if (absbits > FINITE_LIMIT) return *inv = NAN;
     memcpy(&a, &absbits, 4);
     a = a > 1e-5f ? a : 1e-5f;
-    *inv = 127.0f / a; /* float32 ops, as in quant.py */
-    return a / 127.0f;
+    *inv = 127.0f / a; /* true division, not 127.0f * (1.0f / a): the two differ in the last bit */
+    return a / 127.0f;  /* true division */
 }
 
 /* max of the sign-cleared bit patterns of x[k..K), starting from mx */
@@ -449,7 +453,8 @@ T256 static void avx2_task(const void *ctx, int64_t t) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Activation quantizers (see quant_row_generic): multiply by 127 / absmax, round half to even.     */
+/* Activation quantizers (see quant_row_generic): fl(x * inv) by a plain vector multiply (no FMA),    */
+/* then round half to even (_MM_FROUND_TO_NEAREST_INT, as nearbyintf in the default rounding mode).   */
 
 T512 static float quant_row512(const float *x, int8_t *q, int64_t K) {
     const __m512i absm = _mm512_set1_epi32(0x7fffffff);
