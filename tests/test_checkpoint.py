@@ -100,6 +100,86 @@ def test_damaged_newest_falls_back_with_warning(tmp_path):
     assert len(record) == 2
 
 
+def _edit(sidecar: Path, change) -> None:
+    meta = json.loads(sidecar.read_text())
+    change(meta)
+    sidecar.write_text(json.dumps(meta, indent=1))
+
+
+def _rehash(meta: dict) -> None:
+    meta["meta_sha256"] = checkpoint.meta_digest(meta)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda m: m.update(step=190), "sha256"),  # an edited step: the sidecar's own hash fails
+    (lambda m: m.update(lr_schedule=[0.5]), "sha256"),  # any other edit too
+    (lambda m: m.pop("sha256"), "lacks sha256"),  # a missing key
+    (lambda m: m.pop("file"), "lacks file"),
+    (lambda m: m.pop("meta_sha256"), "lacks meta_sha256"),
+    (lambda m: (m.update(step=190), _rehash(m)), "does not match the file name"),  # edited and re-hashed
+    (lambda m: (m.update(file="ckpt-00000001.safetensors"), _rehash(m)), "expected ckpt-00000002"),
+    (lambda m: (m.update(format=1), _rehash(m)), "format 1"),
+])
+def test_edited_or_incomplete_sidecar_falls_back(tmp_path, change, why):
+    model, opt = _trained()
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, model, opt, {"lr_schedule": [1.0]})
+    _edit(checkpoint.path_of(tmp_path, 2), change)
+    with pytest.raises(ValueError, match=why):
+        checkpoint.verify(checkpoint.path_of(tmp_path, 2))
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        assert checkpoint.latest_valid(tmp_path) == checkpoint.path_of(tmp_path, 1)
+
+
+def test_renamed_pair_and_non_object_sidecar_fall_back(tmp_path):
+    model, opt = _trained()
+    checkpoint.save(tmp_path, 1, model, opt)
+    checkpoint.save(tmp_path, 2, model, opt)
+    for suffix in (".json", ".safetensors"):  # step 2 passed off as step 9
+        checkpoint.path_of(tmp_path, 2).with_suffix(suffix).rename(checkpoint.path_of(tmp_path, 9).with_suffix(suffix))
+    with pytest.warns(RuntimeWarning, match="does not match the file name"):
+        assert checkpoint.latest_valid(tmp_path) == checkpoint.path_of(tmp_path, 1)
+    checkpoint.path_of(tmp_path, 9).write_text("[1, 2]")
+    with pytest.warns(RuntimeWarning, match="not a JSON object"):
+        assert checkpoint.latest_valid(tmp_path) == checkpoint.path_of(tmp_path, 1)
+
+
+def test_restore_skips_an_edited_newest_checkpoint(tmp_path, capsys):
+    model, opt = _trained()
+    checkpoint.save(tmp_path, 100, model, opt, {"note": "a"})
+    later, later_opt = _trained(seed=1)
+    checkpoint.save(tmp_path, 200, later, later_opt, {"note": "b"})
+    _edit(checkpoint.path_of(tmp_path, 200), lambda m: m.update(step=290))
+    fresh, fresh_opt = _trained(seed=2, steps=1)
+    with pytest.warns(RuntimeWarning, match="ckpt-00000200.json is damaged"):
+        meta = checkpoint.Checkpointer(tmp_path, every=1, resume=True).restore(fresh, fresh_opt)
+    assert meta["step"] == 100 and meta["note"] == "a"
+    assert torch.equal(fresh.body.weight, model.body.weight)
+    assert "step 100" in capsys.readouterr().out
+
+
+def test_damaged_checkpoints_are_set_aside_on_resume(tmp_path):
+    model, opt = _trained()
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, model, opt, keep=0)
+    checkpoint.path_of(tmp_path, 3).with_suffix(".safetensors").write_bytes(b"torn")
+    _edit(checkpoint.path_of(tmp_path, 2), lambda m: m.update(step=9))
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        meta = checkpoint.Checkpointer(tmp_path, every=1, keep=1, resume=True).restore(model, opt)
+    assert meta["step"] == 1
+    assert [s for s, _ in checkpoint.checkpoints(tmp_path)] == [1]
+    assert (tmp_path / "damaged-ckpt-00000003.safetensors").read_bytes() == b"torn"
+    assert (tmp_path / "damaged-ckpt-00000002.json").is_file()
+    checkpoint.Checkpointer(tmp_path, every=1, keep=1, resume=True).save(2, model, opt, {})
+    assert [s for s, _ in checkpoint.checkpoints(tmp_path)] == [2]  # the resumed run's checkpoint is kept
+
+    for _, sidecar in checkpoint.checkpoints(tmp_path):  # nothing intact: start over, damaged files aside
+        sidecar.write_text("{")
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        assert checkpoint.Checkpointer(tmp_path, every=1, resume=True).restore(model, opt) is None
+    assert checkpoint.checkpoints(tmp_path) == []
+
+
 def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     model, opt = _trained()
     checkpoint.save(tmp_path, 1, model, opt)

@@ -10,8 +10,12 @@ from tritium.cli import main
 def test_usage_and_unknown_command(capsys):
     assert main(["--help"]) == 0
     assert "bench kernels" in capsys.readouterr().out
-    assert main(["frobnicate"]) == 2
+    assert main([]) == 2
     assert "usage: tritium COMMAND" in capsys.readouterr().err
+    for argv in (["frobnicate"], ["bench", "nope"], ["bench"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: unknown command {' '.join(argv)!r}")
 
 
 def test_demo_runs_end_to_end(capsys):

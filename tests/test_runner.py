@@ -83,12 +83,6 @@ def test_run_key_is_order_independent():
     assert runner.run_key({"a": 1}) != runner.run_key({"a": 2})
 
 
-def test_split_precision_and_bits():
-    assert runner.split_precision("ptq-1.58-absmedian") == ("fp32", "1.58-absmedian")
-    assert runner.split_precision("4-absmax") == ("4-absmax", None)
-    assert [runner.nominal_bits(p) for p in ("fp32", "1.58-absmean", "ptq-2-absmax", "8-absmax")] == [32, 1.58, 2, 8]
-
-
 def test_summary_table_and_plots(tmp_path):
     rows = [{"task": "t", "dataset": d, "precision": p, "seed": s, "test_acc": a + s / 100}
             for d, a0 in (("A", 0.8), ("B", 0.6)) for p, a in (("fp32", a0), ("2-absmax", a0 - 0.1),
@@ -123,10 +117,121 @@ def test_bad_seeds_are_refused(text):
 
 def test_bad_seeds_option_is_an_error_message(tmp_path, capsys):
     assert main([*XOR, "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.startswith("error: --seeds '0'")
+    assert capsys.readouterr().err == "error: argument --seeds: expected at least one seed, none negative, got '0'\n"
 
 
 def test_seed_range_runs_only_those_seeds(tmp_path):
     out = tmp_path / "out"
     assert main([*XOR, "--seeds", "1-2", "--precision", "fp32", "--out", str(out)]) == 0
     assert sorted(r["seed"] for r in rows_of(out)) == [1, 2]
+
+
+def _xor_cmd(out, *extra):
+    import sys
+
+    return [sys.executable, "-m", "tritium", *XOR[:-1], "--set", "epochs=300", "--threads", "1", "--out", str(out),
+            *extra]
+
+
+def test_two_processes_share_one_out_without_duplicates(tmp_path):
+    """Two runners started together on one --out: every run is trained once and has exactly one row."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1",
+           "MPLBACKEND": "Agg"}
+    out = tmp_path / "out"
+    cmd = _xor_cmd(out, "--seeds", "6", "--precision", "fp32,1.58-absmedian")
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    rows = rows_of(out)
+    keys = [r["key"] for r in rows]
+    assert len(keys) == 12 and len(set(keys)) == 12
+    assert sorted((r["precision"], r["seed"]) for r in rows) == sorted(
+        (p, s) for p in ("fp32", "1.58-absmedian") for s in range(6))
+    trained = sum(log.count("test_acc=") for log in logs)
+    assert trained == 12, logs  # no run was trained twice
+    assert not list((out / runner.CLAIMS).iterdir())  # claims are released
+    md = (out / "results.md").read_text()
+    assert "6 seed" in md and "12 seed" not in md  # the report counts each seed once
+
+
+def test_claimed_run_is_left_to_its_owner(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [*XOR, "--seeds", "2", "--precision", "fp32", "--out", str(out)]
+    assert main([*args, "--dry-run"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    out.mkdir(exist_ok=True)
+    fd = runner.claim(out, keys[0])  # held as another process would hold it
+    assert fd is not None and runner.claim(out, keys[0]) is None and runner.claimed_elsewhere(out, keys[0])
+    assert main(args) == 0
+    assert "running in another process, skipped" in capsys.readouterr().out
+    assert [r["key"] for r in rows_of(out)] == [keys[1]]
+    runner.release(out, keys[0], fd)
+    assert main(args) == 0
+    assert sorted(r["key"] for r in rows_of(out)) == sorted(keys)
+
+
+def test_claim_of_a_killed_process_expires(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path
+    (out / runner.CLAIMS).mkdir()
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out / runner.CLAIMS / "k")], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"held\n"
+    assert runner.claim(out, "k") is None
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    fd = runner.claim(out, "k")
+    assert fd is not None
+    runner.release(out, "k", fd)
+
+
+def test_rows_already_written_by_another_process_are_not_run_again(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = [*XOR, "--seeds", "1", "--precision", "fp32", "--out", str(out)]
+    assert main(args) == 0
+    row = rows_of(out)[0]
+    (out / "results.jsonl").write_text("")
+    real_claim = runner.claim
+
+    def claim_after_other_finished(o, key):  # the other process appends between listing and claiming
+        runner.append_row(o / runner.RESULTS, row)
+        return real_claim(o, key)
+
+    monkeypatch.setattr(runner, "claim", claim_after_other_finished)
+    monkeypatch.setattr(xor, "run_one", lambda cfg, a: pytest.fail("trained a finished run"))
+    assert main(args) == 0
+    assert len(rows_of(out)) == 1
+
+
+@pytest.mark.parametrize("task, item, want", [
+    ("xor", "epochs=20", ("epochs", 20)),
+    ("xor", "lr=1", ("lr", 1)),
+    ("xor", "n_train=64", ("n_train", 64)),
+    ("mlp", "val_fraction=0.2", ("val_fraction", 0.2)),
+    ("mlp", "input_layer=linear", ("input_layer", "linear")),
+    ("gnn", "normalize_features=true", ("normalize_features", True)),
+    ("decoder", "hidden=32,64", ("hidden", "32,64")),
+    ("decoder", "hidden=32", ("hidden", "32")),
+    ("decoder", "dropout=0", ("dropout", 0)),
+    ("decoder", "epochs=2.0", None),
+    ("decoder", "steps=2.0", ("steps", 2)),
+    ("decoder", "exclude=attn", ("exclude", ["attn"])),
+    ("decoder", 'exclude=["q", "k"]', ("exclude", ["q", "k"])),
+    ("decoder", "quantize_heads=true", ("quantize_heads", True)),
+    ("decoder", "seeds=1-2", ("seeds", "1-2")),
+])
+def test_set_values_are_checked_and_kept(task, item, want):
+    protocol = runner.load_protocol(task, "quick")
+    if want is None:
+        with pytest.raises(runner.UsageError, match="unknown setting 'epochs'"):
+            runner.setting(task, protocol, item)
+    else:
+        assert runner.setting(task, protocol, item) == want

@@ -4,7 +4,7 @@ Train with ternary weights (`quantize` any model, then train as usual), freeze i
 weights, and serve with fast CPU kernels (`freeze`, `save`, `load`).
 """
 
-from .config import BitConfig, format_spec, parse_spec
+from .config import BitConfig, Precision, format_spec, parse_precision, parse_spec
 from .convert import LambdaWarmup, freeze, ptq, quantize, set_lambda, summary
 from .io import load, save
 from .nn import BitLinear, TernaryLinear
@@ -15,10 +15,12 @@ __all__ = [
     "BitConfig",
     "BitLinear",
     "LambdaWarmup",
+    "Precision",
     "TernaryLinear",
     "format_spec",
     "freeze",
     "load",
+    "parse_precision",
     "parse_spec",
     "ptq",
     "quantize",

@@ -8,16 +8,21 @@ Spec grammar (case-insensitive)::
         measure      absmedian (default) | absmean | absmax
         granularity  tensor (default) | channel | group<G>
         act          a8 (default) | a4 | afp (no activation quantization)
+    each of measure, granularity and act at most once, in any order
 
 Examples: ``"1.58-absmedian"``, ``"1.58-absmean-channel"``, ``"1-absmean"``, ``"2-absmax"``,
 ``"4-absmax-group128"``, ``"1.58-absmean-a4"``.
+
+`Precision`: how an experiment run trains, named by a spec plus an optional ``ptq-`` prefix (quantize
+after float training) and ``+bf16``/``+fp16`` suffix (autocast), e.g. ``"ptq-1.58-absmedian+bf16"``.
 """
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 WEIGHT_BITS = (1.58, 1, 2, 4, 8)
 MEASURES = ("absmedian", "absmean", "absmax")
@@ -26,6 +31,12 @@ ACT_BITS = (8, 4, None)
 FLOAT_SPECS = ("fp32", "bf16", "fp16")
 
 Granularity = Literal["tensor", "channel"] | tuple[str, int]
+
+
+def _check_type(name: str, value: object, kind: type, what: str) -> None:
+    """Raise TypeError naming ``name`` and ``value`` unless ``value`` is a ``kind`` (never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name}={value!r} must be {what}, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -55,32 +66,48 @@ class BitConfig:
 
     def __post_init__(self) -> None:
         bits = self.weight_bits
-        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits not in WEIGHT_BITS:
+        _check_type("weight_bits", bits, numbers.Real, "a number")
+        if bits not in WEIGHT_BITS:
             raise ValueError(f"weight_bits={bits!r} is not supported; choose one of {WEIGHT_BITS}")
-        if bits != 1.58:
-            object.__setattr__(self, "weight_bits", int(bits))
+        object.__setattr__(self, "weight_bits", 1.58 if bits == 1.58 else int(bits))
+        _check_type("measure", self.measure, str, "a string")
         if self.measure not in MEASURES:
             raise ValueError(f"measure={self.measure!r} is not supported; choose one of {MEASURES}")
+        if self.norm is not None:
+            _check_type("norm", self.norm, str, "a string or None")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r} is not supported; choose one of {NORMS}")
-        if self.act_bits not in ACT_BITS or isinstance(self.act_bits, bool):
+        if self.act_bits is not None:
+            _check_type("act_bits", self.act_bits, numbers.Integral, "an int or None")
+        if self.act_bits not in ACT_BITS:
             raise ValueError(f"act_bits={self.act_bits!r} is not supported; choose one of {ACT_BITS}")
+        if self.act_bits is not None:
+            object.__setattr__(self, "act_bits", int(self.act_bits))
         g = self.granularity
         if isinstance(g, list):
             g = tuple(g)
-            object.__setattr__(self, "granularity", g)
-        ok = g in ("tensor", "channel") or (
-            isinstance(g, tuple) and len(g) == 2 and g[0] == "group"
-            and isinstance(g[1], int) and not isinstance(g[1], bool) and g[1] > 0
-        )
+        if not isinstance(g, (str, tuple)):
+            raise TypeError(
+                f"granularity={g!r} must be a string or a ('group', G) tuple, got {type(g).__name__}"
+            )
+        if isinstance(g, tuple) and len(g) == 2 and g[0] == "group":
+            if isinstance(g[1], bool) or not isinstance(g[1], numbers.Integral):
+                raise TypeError(f"granularity={g!r}: the group size must be an int, got {type(g[1]).__name__}")
+            g = ("group", int(g[1]))
+        object.__setattr__(self, "granularity", g)
+        ok = g in ("tensor", "channel") or (isinstance(g, tuple) and len(g) == 2 and g[0] == "group" and g[1] > 0)
         if not ok:
             raise ValueError(
                 f"granularity={g!r} is not supported; use 'tensor', 'channel' or ('group', G) with G > 0"
             )
+        _check_type("lambda_", self.lambda_, numbers.Real, "a number")
         if not 0.0 <= float(self.lambda_) <= 1.0:
             raise ValueError(f"lambda_={self.lambda_!r} must lie in [0, 1]")
+        object.__setattr__(self, "lambda_", float(self.lambda_))
+        _check_type("median_sample", self.median_sample, numbers.Integral, "an int")
         if self.median_sample < 0:
             raise ValueError(f"median_sample={self.median_sample!r} must be >= 0")
+        object.__setattr__(self, "median_sample", int(self.median_sample))
 
     @property
     def ternary(self) -> bool:
@@ -118,23 +145,30 @@ def parse_spec(spec: str) -> BitConfig | None:
             f"(expected one of {WEIGHT_BITS} or {FLOAT_SPECS})"
         ) from None
     kw: dict = {"weight_bits": 1.58 if bits == 1.58 else bits}
+    given: dict[str, str] = {}  # field -> the part that set it
     for part in parts[1:]:
         if part in MEASURES:
-            kw["measure"] = part
+            field, value = "measure", part
         elif part in ("tensor", "channel"):
-            kw["granularity"] = part
+            field, value = "granularity", part
         elif m := re.fullmatch(r"group(\d+)", part):
-            kw["granularity"] = ("group", int(m.group(1)))
+            field, value = "granularity", ("group", int(m.group(1)))
         elif m := re.fullmatch(r"a(\d+|fp)", part):
-            kw["act_bits"] = None if m.group(1) == "fp" else int(m.group(1))
+            field, value = "act_bits", None if m.group(1) == "fp" else int(m.group(1))
         else:
             raise ValueError(
                 f"bad precision spec {spec!r}: unknown part {part!r} "
                 "(expected a measure, 'tensor', 'channel', 'group<G>' or 'a8'/'a4'/'afp')"
             )
+        if field in given:
+            raise ValueError(
+                f"bad precision spec {spec!r}: {part!r} and {given[field]!r} both set the {field}; give it once"
+            )
+        given[field] = part
+        kw[field] = value
     try:
         return BitConfig(**kw)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"bad precision spec {spec!r}: {e}") from None
 
 
@@ -151,3 +185,147 @@ def format_spec(cfg: BitConfig | None) -> str:
     if cfg.act_bits != 8:
         out.append("afp" if cfg.act_bits is None else f"a{cfg.act_bits}")
     return "-".join(out)
+
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    import torch
+
+AUTOCAST = ("bf16", "fp16")
+FAMILIES = ("fp", "qat", "ptq")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How an experiment run trains and evaluates a model, named by a precision string.
+
+    Grammar (case-insensitive, no spaces)::
+
+        fp32                     float32 weights and compute
+        bf16 | fp16              float32 master weights; forward and backward under autocast to that dtype
+        <spec>[+bf16|+fp16]      quantization-aware training with the `BitConfig` of ``<spec>`` (see
+                                 `parse_spec`), optionally under autocast
+        ptq-<spec>[+bf16|+fp16]  train in float32 (or under the autocast), then ``tritium.ptq`` with ``<spec>``
+
+    Examples: ``"fp32"``, ``"bf16"``, ``"1.58-absmedian"``, ``"1.58-absmedian+bf16"``, ``"4-absmax-group128"``,
+    ``"ptq-1.58-absmean"``, ``"ptq-2-absmax+bf16"``. ``str(p)`` is the canonical string (every spec field
+    spelled out, e.g. ``"1.58"`` gives ``"1.58-absmedian"``); parsing it gives ``p`` back.
+
+    Attributes:
+        train: the config the model trains with (quantization-aware), or None for float training.
+        autocast: "bf16" or "fp16" to train and evaluate under ``torch.autocast`` to that dtype, or None.
+        ptq: the config applied by ``tritium.ptq`` after training, or None.
+    """
+
+    train: BitConfig | None = None
+    autocast: str | None = None
+    ptq: BitConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.autocast not in (None, *AUTOCAST):
+            raise ValueError(f"autocast={self.autocast!r} is not supported; choose one of {(None, *AUTOCAST)}")
+        if self.train is not None and self.ptq is not None:
+            raise ValueError("a precision has a training config or a PTQ config, not both")
+
+    @classmethod
+    def parse(cls, text: str) -> Precision:
+        """The precision a string names (see the class docstring).
+
+        Raises ValueError naming the string and its bad part.
+        """
+        return parse_precision(text)
+
+    @property
+    def family(self) -> str:
+        """The kind of run: "fp" (float training), "qat" (quantization-aware training) or "ptq"."""
+        return "qat" if self.train is not None else "ptq" if self.ptq is not None else "fp"
+
+    @property
+    def config(self) -> BitConfig | None:
+        """The quantizer of the evaluated model: the training or the PTQ config (None for float runs)."""
+        return self.train if self.train is not None else self.ptq
+
+    @property
+    def nominal_bits(self) -> float:
+        """Weight bits of the evaluated model: 32 (fp32), 16 (bf16, fp16) or the quantizer's bits."""
+        cfg = self.config
+        if cfg is not None:
+            return float(cfg.weight_bits)
+        return 16.0 if self.autocast else 32.0
+
+    @property
+    def scheme(self) -> str:
+        """The string without its bit width: the quantizer a line of a metric-against-bits plot follows,
+        e.g. "absmedian", "ptq-absmax-group128", "absmean+bf16"; float precisions give their own string."""
+        cfg = self.config
+        if cfg is None:
+            return str(self)
+        rest = format_spec(cfg).split("-", 1)[1]
+        return ("ptq-" if self.ptq is not None else "") + rest + (f"+{self.autocast}" if self.autocast else "")
+
+    @property
+    def before_ptq(self) -> Precision:
+        """The precision the model trains at: this one without its PTQ step."""
+        return Precision(self.train, self.autocast)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The ``torch.dtype`` of the autocast (torch.bfloat16, torch.float16), or None."""
+        if self.autocast is None:
+            return None
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
+
+    def autocast_context(self, device_type: str = "cpu") -> AbstractContextManager:
+        """A context manager that runs its block under ``torch.autocast(device_type, dtype=...)``, or does
+        nothing when the precision has no autocast."""
+        import torch
+
+        dtype = self.autocast_dtype
+        return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+    def __str__(self) -> str:
+        if self.family == "fp":
+            return self.autocast or "fp32"
+        out = ("ptq-" if self.ptq is not None else "") + format_spec(self.config)
+        return out + (f"+{self.autocast}" if self.autocast else "")
+
+
+def parse_precision(text: str) -> Precision:
+    """The `Precision` a string names (grammar in `Precision`).
+
+    Raises ValueError naming the string and its bad part.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"precision must be a string, got {type(text).__name__}")
+    s = text.strip().lower()
+    if not s:
+        raise ValueError(f"bad precision spec {text!r}: empty")
+    if s in FLOAT_SPECS:
+        return Precision(autocast=None if s == "fp32" else s)
+    body, plus, autocast = s.partition("+")
+    if plus:
+        if autocast not in AUTOCAST:
+            raise ValueError(f"bad precision spec {text!r}: unknown autocast {'+' + autocast!r} "
+                             f"(expected one of {', '.join('+' + a for a in AUTOCAST)})")
+        if body in FLOAT_SPECS:
+            raise ValueError(f"bad precision spec {text!r}: {plus + autocast!r} follows a float precision "
+                             f"(write {autocast!r} alone for float32 weights under {autocast} autocast)")
+    ptq = body.startswith("ptq-")
+    spec = body.removeprefix("ptq-")
+    if not spec:
+        raise ValueError(f"bad precision spec {text!r}: no quantizer spec"
+                         + (" after 'ptq-'" if ptq else ""))
+    if ptq and spec in FLOAT_SPECS:
+        raise ValueError(f"bad precision spec {text!r}: 'ptq-' needs a quantizer spec, not {spec!r}")
+    try:
+        cfg = parse_spec(spec)
+    except ValueError as e:
+        msg = str(e)
+        if spec == s:
+            raise
+        inner = f"bad precision spec {spec!r}: "
+        raise ValueError(f"bad precision spec {text!r}: {msg.removeprefix(inner)}") from None
+    return Precision(None if ptq else cfg, autocast or None, cfg if ptq else None)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels, quant
+from ..cli import output_file, positive_int
 from ..config import BitConfig
 from .common import machine_info, memory_bandwidth_gb_s, time_interleaved, time_median, write_json
 
@@ -19,21 +20,29 @@ QUICK_SHAPES = [(1, 4096, 11008), (128, 4096, 11008)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes (smoke test)")
-    parser.add_argument("--shapes", help="comma-separated MxKxN list (default: M in {1,128} x 4 LLM layers)")
-    parser.add_argument("--repeats", type=int, help="timed runs per method (default 20, quick 3)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's setting)")
+    parser.add_argument("--shapes", type=_parse_shapes,
+                        help="comma-separated MxKxN list (default: M in {1,128} x 4 LLM layers)")
+    parser.add_argument("--repeats", type=positive_int, help="timed runs per method (default 20, quick 3)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's setting)")
     parser.add_argument("--back-to-back", action="store_true",
                         help="time each method in its own loop of repeated calls (as a layer stack calls it) "
                              "instead of round-robin across methods")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    try:
-        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
-    except ValueError as e:
-        raise SystemExit(f"--shapes: expected MxKxN[,MxKxN...], got {text!r}") from e
+    """``MxKxN[,MxKxN...]`` as a list of positive ``(m, k, n)``; ArgumentTypeError otherwise."""
+    shapes = []
+    for s in text.split(","):
+        try:
+            shape = tuple(int(v) for v in s.strip().lower().split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise argparse.ArgumentTypeError(f"expected MxKxN[,MxKxN...] with positive sizes, got {text!r}")
+        shapes.append(shape)
+    return shapes
 
 
 def _int8_dynamic(linear: nn.Linear) -> tuple[nn.Module | None, str]:
@@ -106,7 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     """Run the benchmark, print a table and return (and optionally write) the results."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = _parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else SHAPES
+    shapes = (_parse_shapes(args.shapes) if isinstance(args.shapes, str) else args.shapes) or (
+        QUICK_SHAPES if args.quick else SHAPES)
     repeats = args.repeats or (3 if args.quick else 20)
     probe = {"megabytes": 64 if args.quick else 512, "repeats": 3 if args.quick else 7}
     bandwidth = memory_bandwidth_gb_s(**probe)

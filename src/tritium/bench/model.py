@@ -32,22 +32,24 @@ from pathlib import Path
 
 import torch
 
+from ..cli import UsageError, output_file, positive_int
+
 VARIANTS = ("fp32", "bf16", "ternary")
 PROMPT = 16
 TARGETS = {"decode_speedup_vs_fp32": 4.0, "linear_weight_ratio": 8.0, "peak_rss_vs_fp32": 0.35}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true", help="one round of one repeat")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--rounds", type=int, default=3, help="processes per variant (default 3)")
-    parser.add_argument("--repeats", type=int, default=3, help="generations per process (default 3)")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="processes per variant (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="generations per process (default 3)")
+    parser.add_argument("--hidden", type=positive_int, default=1024)
+    parser.add_argument("--layers", type=positive_int, default=8)
+    parser.add_argument("--intermediate", type=positive_int, default=2816)
+    parser.add_argument("--heads", type=positive_int, default=16)
+    parser.add_argument("--vocab", type=positive_int, default=8192)
     parser.add_argument("--storage", choices=("2bit", "base3"), default="2bit", help="frozen file storage")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -254,7 +256,14 @@ def _report(r: dict) -> str:
     return "\n".join(out)
 
 
+def _check(args: argparse.Namespace) -> None:
+    """The model shape must give whole attention heads of an even size (rotary embeddings pair dims)."""
+    if args.hidden % args.heads or (args.hidden // args.heads) % 2:
+        raise UsageError(f"--hidden {args.hidden} / --heads {args.heads} must be a whole, even head size")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check(args)
     if args.worker:
         return _worker(args)
     if args.quick:

@@ -21,17 +21,18 @@ import tritium
 from tritium.models import WideMLP
 from tritium.optim import LazyAdamW
 
+from ..cli import output_file, positive_int
 from .common import machine_info, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab", type=int, default=30208, help="vocabulary (default: 20ng's 30,208)")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--doc-len", type=int, default=316, help="tokens per document (default: 20ng's mean)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=100, help="steps per timed block (default 100)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per variant (default 5)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--vocab", type=positive_int, default=30208, help="vocabulary (default: 20ng's 30,208)")
+    parser.add_argument("--hidden", type=positive_int, default=1024)
+    parser.add_argument("--doc-len", type=positive_int, default=316, help="tokens per document (default: 20ng's mean)")
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=100, help="steps per timed block (default 100)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed blocks per variant (default 5)")
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the results as JSON")
 
 
 def make_variant(name: str, args: argparse.Namespace):

@@ -18,6 +18,7 @@ from torch import nn
 
 import tritium
 
+from ..cli import nonnegative_int, output_file, positive_int
 from .common import PeakMemory, machine_info, write_json
 
 VARIANTS = {"nn.Linear": None, "tritium absmean": "1.58-absmean", "tritium absmedian": "1.58-absmedian"}
@@ -55,12 +56,12 @@ def peak_memory(d: int, spec: str | None, x: torch.Tensor) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dim", type=int, default=1024, help="model dimension d (default 1024)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant (default 10)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--dim", type=positive_int, default=1024, help="model dimension d (default 1024)")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed steps per variant (default 10)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2)
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the results as JSON")
 
 
 def run(args: argparse.Namespace) -> dict:

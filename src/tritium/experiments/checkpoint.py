@@ -5,21 +5,24 @@ tensors (``optim/<param name>/<key>``) and the random-number-generator states of
 ``rng/cuda``, ``rng/numpy``, ``rng/python`` as integer tensors). ``ckpt-STEP.json`` holds everything
 else: format version, step, optimizer param groups (hyperparameters) and non-tensor state, the rest of
 the RNG states, whatever the training loop adds (learning-rate schedule, lambda warm-up, data position,
-losses so far) and the byte length and sha256 of the safetensors file.
+losses so far), the byte length and sha256 of the safetensors file and, last, ``meta_sha256``: the sha256
+of the sidecar's own content (`meta_digest`).
 
-Both files are written atomically (temporary file, flush, fsync, rename, fsync of the folder), the JSON
-sidecar last, so a checkpoint exists only once it is complete; `latest_valid` checks the length and hash
-and falls back to the previous checkpoint, with a warning, when the newest is damaged. Under
-torch.distributed every rank takes part in gathering full state dicts (FSDP2 shards included) and only
-rank 0 writes; every rank reads the files on resume (the folder must be visible to all of them). The
-ranks of a data-parallel run consume random numbers identically, so rank 0's RNG states restore all.
+Both files are written atomically (`tritium.atomic`: temporary file, flush, fsync, rename, fsync of the
+folder), the JSON sidecar last, so a checkpoint exists only once it is complete. `verify` checks both
+hashes, the tensor file's length, and that the step agrees between the file names, the sidecar and the
+tensor file's header, so a damaged or edited checkpoint is never loaded; `latest_valid` falls back to the
+previous checkpoint, with a warning, when the newest fails, and a resumed run renames the ones it skipped
+to ``damaged-ckpt-STEP.*`` (`set_aside`). Under torch.distributed every rank takes part in gathering
+full state dicts (FSDP2 shards included) and only rank 0 writes; every rank reads the files on resume (the
+folder must be visible to all of them). The ranks of a data-parallel run consume random numbers
+identically, so rank 0's RNG states restore all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import signal
@@ -33,38 +36,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import atomic
 from . import distributed
 
-FORMAT = 1
+FORMAT = 2
 _NAME = re.compile(r"^ckpt-(\d+)\.json$")
+#: Sidecar keys every checkpoint has (the training loop's own keys come on top).
+REQUIRED = ("format", "step", "file", "bytes", "sha256", "param_groups", "optim_scalars", "rng", "meta_sha256")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside folder ``path`` durable (no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent/unchanged or complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+def meta_digest(meta: dict) -> str:
+    """The sha256 of a sidecar's content without its ``meta_sha256`` (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _distinct(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -84,7 +68,7 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     from safetensors.torch import save
 
     data = save(_distinct(tensors), metadata=metadata)
-    atomic_write(path, data)
+    atomic.write_bytes(path, data)
     return data
 
 
@@ -179,7 +163,9 @@ def save(
         meta.update({"format": FORMAT, "step": step, "world_size": distributed.world_size(),
                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}),
                      "file": st.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        atomic_write(sidecar, json.dumps(meta, indent=1).encode())
+        meta = json.loads(json.dumps(meta))  # as it will read back (tuples become lists, keys strings)
+        meta["meta_sha256"] = meta_digest(meta)
+        atomic.write_text(sidecar, json.dumps(meta, indent=1))
         if keep:
             prune(directory, keep)
     distributed.barrier()
@@ -204,22 +190,67 @@ def prune(directory: Path, keep: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def verify(sidecar: Path) -> dict:
-    """The metadata of a checkpoint after checking its format, length and sha256; ValueError if damaged."""
+def _header_step(data: bytes) -> str | None:
+    """The ``step`` entry of a safetensors file's metadata (None if absent or unreadable)."""
     try:
-        meta = json.loads(Path(sidecar).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8: 8 + size])
+        return header.get("__metadata__", {}).get("step")
+    except (ValueError, AttributeError):
+        return None
+
+
+def set_aside(directory: Path, step: int) -> list[Path]:
+    """Rename the checkpoints after ``step`` (those `latest_valid` skipped as damaged) to
+    ``damaged-ckpt-STEP.*``, so that they are kept for inspection but neither loaded nor counted by `prune`
+    (which would otherwise delete the new checkpoints of a resumed run first); returns the new sidecar paths."""
+    moved = []
+    for s, sidecar in checkpoints(directory):
+        if s <= step:
+            break
+        for p in (sidecar, sidecar.with_suffix(".safetensors")):
+            if p.exists():
+                p.replace(p.with_name(f"damaged-{p.name}"))
+        moved.append(sidecar.with_name(f"damaged-{sidecar.name}"))
+    return moved
+
+
+def verify(sidecar: Path) -> dict:
+    """The metadata of a checkpoint after checking it in full; ValueError if it is damaged or edited.
+
+    Checked: the sidecar parses, has every `REQUIRED` key and matches its own ``meta_sha256``; its format
+    is `FORMAT`; its step is the one in its file name and in the tensor file's header; the tensor file is
+    ``ckpt-STEP.safetensors`` beside it, with the recorded length and sha256."""
+    sidecar = Path(sidecar)
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable metadata ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-    st = Path(sidecar).with_name(meta["file"])
-    if not st.is_file():
-        raise ValueError(f"{st.name} is missing")
-    data = st.read_bytes()
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"metadata lacks {', '.join(missing)}")
+    if meta["format"] != FORMAT:
+        raise ValueError(f"format {meta['format']!r}, expected {FORMAT}")
+    if meta["meta_sha256"] != meta_digest(meta):
+        raise ValueError("metadata fails its sha256 check (edited or damaged)")
+    m = _NAME.match(sidecar.name)
+    if m is None or meta["step"] != int(m.group(1)):
+        raise ValueError(f"step {meta['step']!r} does not match the file name {sidecar.name}")
+    if meta["file"] != sidecar.with_suffix(".safetensors").name:
+        raise ValueError(f"tensor file {meta['file']!r}, expected {sidecar.with_suffix('.safetensors').name}")
+    st = sidecar.with_suffix(".safetensors")
+    try:
+        data = st.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{st.name} is unreadable ({e.strerror})") from e
     if len(data) != meta["bytes"]:
         raise ValueError(f"{st.name} has {len(data)} bytes, expected {meta['bytes']}")
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise ValueError(f"{st.name} fails its sha256 check")
+    if _header_step(data) != str(meta["step"]):
+        raise ValueError(f"{st.name} holds step {_header_step(data)!r}, expected {meta['step']}")
     return meta
 
 
@@ -314,6 +345,9 @@ class Checkpointer:
                                       f"continue from them or delete the folder to start over")
             return None
         sidecar = latest_valid(self.directory)
+        distributed.barrier()  # every rank has chosen before damaged files are moved
+        if distributed.is_main():
+            set_aside(self.directory, -1 if sidecar is None else int(_NAME.match(sidecar.name).group(1)))
         if sidecar is None:
             return None
         meta = load(sidecar, model, optimizer)

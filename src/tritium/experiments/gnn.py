@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tritium.cli import choice_list, comma_list, positive_int
+
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True
 GROUP_BY = ("arch", "dataset")
@@ -25,10 +27,20 @@ PAPER = {
 HYPER = ("epochs", "lr", "weight_decay", "hidden", "dropout", "k", "normalize_features")
 
 
+def _datasets(value: object) -> str:
+    from tritium.data.planetoid import NAMES
+
+    text = comma_list(value)
+    for name in text.split(","):
+        if name.lower() not in NAMES:
+            raise argparse.ArgumentTypeError(f"unknown dataset {name!r}; choose from {', '.join(NAMES.values())}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default=None, help="comma list: Cora, CiteSeer, PubMed")
-    parser.add_argument("--arch", default=None, help="comma list: sgc, gcn")
-    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--dataset", default=None, type=_datasets, help="comma list: Cora, CiteSeer, PubMed")
+    parser.add_argument("--arch", default=None, type=choice_list("sgc", "gcn"), help="comma list: sgc, gcn")
+    parser.add_argument("--epochs", type=positive_int, default=None)
 
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
@@ -61,7 +73,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     from tritium.data.planetoid import load_planetoid
     from tritium.models.gnn import GCN, SGC
 
-    from .runner import progress, split_precision
+    from .runner import progress
 
     data = load_planetoid(cfg["dataset"], args.data_dir, normalize_features=cfg["normalize_features"])
     torch.manual_seed(cfg["seed"])
@@ -70,13 +82,14 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         model = SGC(data.num_features, n_classes, k=cfg["k"])
     else:
         model = GCN(data.num_features, n_classes, hidden=cfg["hidden"], dropout=cfg["dropout"])
-    train_spec, ptq_spec = split_precision(cfg["precision"])
-    tritium.quantize(model, train_spec)
+    precision = tritium.parse_precision(cfg["precision"])
+    if precision.train is not None:
+        tritium.quantize(model, precision.train)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
     def accuracy() -> tuple[float, float]:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast_context():
             pred = model(data.x, data.edge_index).argmax(-1)
         return tuple((pred[m] == data.y[m]).float().mean().item() for m in (data.val_mask, data.test_mask))
 
@@ -84,7 +97,8 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     best_val, test_at_best = -1.0, 0.0
     for epoch in progress(range(cfg["epochs"]), args, desc=f"{cfg['arch']} {cfg['dataset']} {cfg['precision']}"):
         model.train()
-        loss = F.cross_entropy(model(data.x, data.edge_index)[data.train_mask], data.y[data.train_mask])
+        with precision.autocast_context():
+            loss = F.cross_entropy(model(data.x, data.edge_index)[data.train_mask], data.y[data.train_mask])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -93,8 +107,8 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
             best_val, test_at_best = val_acc, test_acc
         for k, v in (("step", epoch + 1), ("train_loss", loss.item()), ("val_acc", val_acc), ("test_acc", test_acc)):
             curves[k].append(v)
-    if ptq_spec:
-        tritium.ptq(model, ptq_spec)
+    if precision.ptq is not None:
+        tritium.ptq(model, precision.ptq)
     val_acc, test_acc = accuracy()
     return {"test_acc": test_acc, "last_val_acc": val_acc, "best_val_acc": best_val,
             "test_acc_at_best_val": test_at_best, "final_train_loss": curves["train_loss"][-1],

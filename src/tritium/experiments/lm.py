@@ -4,11 +4,12 @@ Tasks ``encoder`` (BertForMaskedLM, masked LM), ``seq2seq`` (T5ForConditionalGen
 and ``decoder`` (LlamaForCausalLM, causal LM) on a plain-text corpus (`tritium.data.corpus`).
 
 Every precision of a grid sees the same batches (batch size, sequence length, steps and data order), so
-the token budget is the same. Precisions: ``fp32``; ``bf16`` = fp32 master weights with the forward and
-backward in bf16 autocast; any quantized spec (``1.58-absmedian``, ...) converts the model with
-`tritium.quantize` before training; ``ptq-<spec>`` trains fp32, then applies `tritium.ptq`. Embeddings and
-output heads stay in full precision unless ``--quantize-heads``; ``--exclude REGEX`` keeps more modules in
-full precision. Losses are measured on fixed training and validation batches at intervals; the summary
+the token budget is the same. Precisions (`tritium.Precision`): ``fp32``; ``bf16`` = fp32 master weights
+with the forward and backward in bf16 autocast; any quantized spec (``1.58-absmedian``, ...) converts the
+model with `tritium.quantize` before training; ``ptq-<spec>`` trains fp32, then applies `tritium.ptq`;
+``+bf16`` after a spec trains (and evaluates) that precision under bf16 autocast. Embeddings and output
+heads stay in full precision unless ``--quantize-heads``; ``--exclude REGEX`` keeps more modules in full
+precision. Losses are measured on fixed training and validation batches at intervals; the summary
 has the final validation loss, its perplexity and the gap (validation minus training loss).
 """
 
@@ -23,6 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from tritium.cli import (
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    positive_int_list,
+    probability,
+    regex,
+    unit_interval,
+)
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
@@ -41,30 +54,53 @@ def _ints(text: str | int | list) -> list[int]:
     return [int(x) for x in items]
 
 
+def _vocab_size(value: object) -> int:
+    from tritium.data.corpus import SPECIALS
+
+    n, least = positive_int(value), 256 + len(SPECIALS) + 32 + 1  # bytes, special tokens, T5 sentinels
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected a vocabulary of at least {least} tokens, got {value!r}")
+    return n
+
+
+def _corpus_path(value: object) -> str:
+    if not str(value).strip():
+        raise argparse.ArgumentTypeError("expected a corpus file path, got ''")
+    return str(value)
+
+
+def _seq_len(value: object) -> int:
+    n = positive_int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 tokens per sequence, got {value!r}")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the language-model tasks (None: taken from the protocol)."""
     a = parser.add_argument
-    a("--corpus", default=None, help="plain-text corpus file (relative paths also tried under the data root)")
-    a("--val-fraction", type=float, default=None, help="last fraction of the text used for validation (0.1)")
+    a("--corpus", default=None, type=_corpus_path,
+      help="plain-text corpus file (relative paths also tried under the data root)")
+    a("--val-fraction", type=fraction, default=None, help="last fraction of the text used for validation (0.1)")
     a("--tokenizer", default=None, choices=["bpe", "wordpiece"], help="tokenizer kind (byte-level bpe)")
-    a("--vocab-size", type=int, default=None, help="tokenizer vocabulary size")
-    a("--hidden", default=None, help="comma list of hidden sizes, e.g. 64,128,256,512")
-    a("--layers", type=int, default=None, help="transformer blocks (T5: per encoder and decoder)")
-    a("--head-dim", type=int, default=None, help="attention head size (heads = hidden / head_dim)")
-    a("--dropout", type=float, default=None, help="dropout probability")
-    a("--steps", type=int, default=None, help="optimizer steps")
-    a("--batch-size", type=int, default=None, help="sequences per step")
-    a("--seq-len", type=int, default=None, help="tokens per sequence (T5: before span corruption)")
-    a("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    a("--warmup", type=int, default=None, help="linear learning-rate warm-up steps, then cosine decay")
-    a("--min-lr-ratio", type=float, default=None, help="final learning rate as a fraction of --lr")
-    a("--weight-decay", type=float, default=None, help="AdamW weight decay of matrices")
-    a("--eval-every", type=int, default=None, help="steps between loss measurements")
-    a("--eval-batches", type=int, default=None, help="fixed batches per split per loss measurement")
-    a("--exclude", action="append", default=None, metavar="REGEX",
+    a("--vocab-size", type=_vocab_size, default=None, help="tokenizer vocabulary size")
+    a("--hidden", default=None, type=positive_int_list, help="comma list of hidden sizes, e.g. 64,128,256,512")
+    a("--layers", type=positive_int, default=None, help="transformer blocks (T5: per encoder and decoder)")
+    a("--head-dim", type=positive_int, default=None, help="attention head size (heads = hidden / head_dim)")
+    a("--dropout", type=probability, default=None, help="dropout probability")
+    a("--steps", type=positive_int, default=None, help="optimizer steps")
+    a("--batch-size", type=positive_int, default=None, help="sequences per step")
+    a("--seq-len", type=_seq_len, default=None, help="tokens per sequence (T5: before span corruption)")
+    a("--lr", type=positive_float, default=None, help="peak learning rate (AdamW)")
+    a("--warmup", type=nonnegative_int, default=None, help="linear learning-rate warm-up steps, then cosine decay")
+    a("--min-lr-ratio", type=unit_interval, default=None, help="final learning rate as a fraction of --lr")
+    a("--weight-decay", type=nonnegative_float, default=None, help="AdamW weight decay of matrices")
+    a("--eval-every", type=positive_int, default=None, help="steps between loss measurements")
+    a("--eval-batches", type=positive_int, default=None, help="fixed batches per split per loss measurement")
+    a("--exclude", action="append", default=None, metavar="REGEX", type=regex,
       help="keep modules whose name matches in full precision (repeatable; adds to the heads)")
     a("--quantize-heads", action="store_true", default=None, help="quantize the output head too")
-    a("--warmup-lambda", type=int, default=None,
+    a("--warmup-lambda", type=nonnegative_int, default=None,
       help="steps of linear blend from full precision to quantized weights (tritium.LambdaWarmup)")
 
 
@@ -120,12 +156,13 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float) ->
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[dict], dtype: torch.dtype | None = None) -> float:
-    """Mean loss of ``model`` over ``batches`` in eval mode."""
+    """Mean loss of ``model`` over ``batches`` in eval mode, under autocast to ``dtype`` unless None."""
     was_training = model.training
     model.eval()
+    device_type = next(model.parameters()).device.type
     losses = []
     for b in batches:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             losses.append(model(**b).loss.float().item())
     model.train(was_training)
     return sum(losses) / len(losses)
@@ -248,22 +285,22 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     from tritium.models.transformers import quantize_excludes
 
     from . import checkpoint, distributed
-    from .runner import run_key, split_precision
+    from .runner import run_key
 
-    train_spec, ptq_spec = split_precision(cfg["precision"])
+    precision = tritium.parse_precision(cfg["precision"])
     torch.manual_seed(cfg["seed"])
     corpus = _corpus(cfg, args)
     exclude = quantize_excludes(cfg["task"], cfg.get("quantize_heads", False), cfg.get("exclude"))
 
     def make_model() -> torch.nn.Module:
         model = build(cfg, corpus)
-        if train_spec not in ("fp32", "bf16", "fp16"):
-            tritium.quantize(model, train_spec, exclude=exclude)
+        if precision.train is not None:
+            tritium.quantize(model, precision.train, exclude=exclude)
         return model
 
     model = make_model()
     dev = distributed.device()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_spec)
+    dtype = precision.autocast_dtype
 
     bs, sl = cfg["batch_size"], cfg["seq_len"]
     train_batch = make_batch_fn(cfg["task"], corpus, corpus.train, bs, sl)
@@ -279,15 +316,15 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
 
     work = Path(args.work_dir) if getattr(args, "work_dir", None) else None
     fp32_ckpt = None
-    if ptq_spec is not None and work is not None:  # reuse the matching fp32 run's weights when present
-        fp32_ckpt = work.parent / run_key({**cfg, "precision": "fp32"}) / "final.safetensors"
+    if precision.ptq is not None and work is not None:  # reuse the matching float run's weights when present
+        fp32_ckpt = work.parent / run_key({**cfg, "precision": str(precision.before_ptq)}) / "final.safetensors"
     t0 = time.perf_counter()
     if fp32_ckpt is not None and fp32_ckpt.is_file():
         from safetensors.torch import load_file
 
         model.to(dev).load_state_dict(load_file(fp32_ckpt, device=str(dev)))
-        curves = {"step": [cfg["steps"]], "train_loss": [evaluate(model, eval_sets["train"])],
-                  "val_loss": [evaluate(model, eval_sets["val"])]}
+        curves = {"step": [cfg["steps"]], "train_loss": [evaluate(model, eval_sets["train"], dtype)],
+                  "val_loss": [evaluate(model, eval_sets["val"], dtype)]}
     else:
         model = distributed.wrap(model.to(dev), getattr(args, "fsdp", False))
         ckpt = None if work is None else checkpoint.Checkpointer(
@@ -302,18 +339,18 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         if distributed.is_fsdp(model):  # continue with an unsharded copy on every rank
             model = distributed.unsharded_copy(model, make_model().to(dev))
         model = distributed.unwrap(model)
-        if train_spec == "fp32" and ptq_spec is None and work is not None and distributed.is_main():
+        if precision.family == "fp" and work is not None and distributed.is_main():
             work.mkdir(parents=True, exist_ok=True)
             checkpoint.save_tensors(work / "final.safetensors", model.state_dict())
         distributed.barrier()  # every rank sees final.safetensors before a later ptq- run looks for it
     train_s = time.perf_counter() - t0
     out = {}
-    if ptq_spec is not None:
-        out["fp32_val_loss"] = curves["val_loss"][-1]
-        tritium.ptq(model, ptq_spec, exclude=exclude)
+    if precision.ptq is not None:
+        out["fp32_val_loss"] = curves["val_loss"][-1]  # before PTQ (under the autocast, if any)
+        tritium.ptq(model, precision.ptq, exclude=exclude)
         curves["step"].append(cfg["steps"])  # the last point of the curves is after PTQ
-        curves["train_loss"].append(evaluate(model, eval_sets["train"]))
-        curves["val_loss"].append(evaluate(model, eval_sets["val"]))
+        curves["train_loss"].append(evaluate(model, eval_sets["train"], dtype))
+        curves["val_loss"].append(evaluate(model, eval_sets["val"], dtype))
     val, tr = curves["val_loss"][-1], curves["train_loss"][-1]
     n_tokens = cfg["steps"] * bs * sl
     out.update({
@@ -384,6 +421,16 @@ def _order(v: str) -> tuple:
     return (*precision_order(p), rest)
 
 
+def _family(v: str) -> str | None:
+    """`tritium.Precision.family` of a variant's precision (None if it is not one)."""
+    from tritium.config import parse_precision
+
+    try:
+        return parse_precision(v.partition(" ")[0]).family
+    except ValueError:
+        return None
+
+
 def plot_scaling(rows: list[dict], path: Path, title: str = "") -> Path:
     """Final training and validation loss against hidden size (log axis), one line per precision."""
     from .report import _plt
@@ -395,7 +442,7 @@ def plot_scaling(rows: list[dict], path: Path, title: str = "") -> Path:
         for v in sorted(means, key=_order):
             hs = sorted(means[v])
             ax.plot(hs, [means[v][h] for h in hs], marker="o", ms=3, lw=1, label=v,
-                    ls="--" if v.startswith("ptq-") else "-")
+                    ls="--" if _family(v) == "ptq" else "-")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("hidden size")
         ax.set_ylabel(f"final {metric}")
@@ -424,8 +471,8 @@ def report(rows: list[dict], out: Path) -> str:
     hs = sorted({r["hidden"] for r in rows})
     for metric in ("train_loss", "val_loss"):
         means = _means(rows, metric)
-        ref = next((p for p in ("fp32", "bf16", "fp16") if p in means), None)
-        quant = [v for v in sorted(means, key=_order) if v != ref and not v.startswith(("bf16", "fp16", "fp32"))]
+        ref = next((v for v in sorted(means, key=_order) if _family(v) == "fp" and " " not in v), None)
+        quant = [v for v in sorted(means, key=_order) if _family(v) in ("qat", "ptq")]
         if ref is None or not quant:
             continue
         body, sentences = [], []
@@ -444,10 +491,10 @@ def report(rows: list[dict], out: Path) -> str:
               _table(["precision", *map(str, hs)],
                      [[v, *(f"{gap[v][h]:.3f}" if h in gap[v] else "" for h in hs)] for v in sorted(gap, key=_order)]),
               ""]
-    ptq = [v for v in gap if v.startswith("ptq-")]
+    ptq = [v for v in sorted(gap, key=_order) if _family(v) == "ptq"]
     if ptq:
         fp, q = _means(rows, "fp32_val_loss"), _means(rows, "val_loss")
         body = [[v, *(f"{fp[v][h]:.3f} → {q[v][h]:.3f}" if h in q[v] else "" for h in hs)] for v in ptq]
-        parts += ["Post-training quantization: validation loss of the fp32 model → after `tritium.ptq`:", "",
+        parts += ["Post-training quantization: validation loss of the float model → after `tritium.ptq`:", "",
                   _table(["precision", *map(str, hs)], body), ""]
     return "\n".join(parts)

@@ -12,7 +12,14 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .runner import nominal_bits
+from tritium.config import FAMILIES, Precision, parse_precision
+
+
+def _precision(p: str) -> Precision | None:
+    try:
+        return parse_precision(p)
+    except ValueError:
+        return None
 
 
 def scale(metric: str) -> float:
@@ -21,8 +28,12 @@ def scale(metric: str) -> float:
 
 
 def precision_order(p: str) -> tuple:
-    """Sort key: higher bit widths first, QAT before PTQ, then by name."""
-    return (-nominal_bits(p), p.startswith("ptq-"), p)
+    """Sort key of a precision string: higher nominal bits first, then float, QAT, PTQ, then by name;
+    strings that are not precisions last."""
+    q = _precision(p)
+    if q is None:
+        return (1, 0.0, 0, p)
+    return (0, -q.nominal_bits, FAMILIES.index(q.family), p)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -180,36 +191,37 @@ def plot_curves(rows: list[dict], group_by: tuple[str, ...], path: Path, keys: t
 
 
 def bit_widths(rows: list[dict]) -> set[float]:
-    """The distinct nominal weight bit widths among the rows' precisions."""
-    return {nominal_bits(r["precision"]) for r in rows if "precision" in r}
+    """The distinct nominal weight bit widths (`Precision.nominal_bits`) among the rows' precisions."""
+    return {q.nominal_bits for r in rows if "precision" in r and (q := _precision(r["precision"]))}
 
 
 def plot_vs_bits(rows: list[dict], group_by: tuple[str, ...], metric: str, path: Path, title: str = "") -> Path:
-    """Mean ``metric`` (sd error bars) against nominal weight bits (fp32 = 32, log axis): one line per
-    combination of axes and quantizer family (measure, PTQ), for the axes with at least three widths when
-    there are such; fp32 is shared by every line."""
+    """Mean ``metric`` (sd error bars) against nominal weight bits (`Precision.nominal_bits`: fp32 = 32,
+    bf16 = 16, log axis): one line per combination of axes and quantizer (`Precision.scheme`: measure,
+    granularity, activation bits, PTQ, autocast), for the axes with at least three widths when there are
+    such. Each line ends at the float run it was trained like (fp32, or bf16 for ``+bf16``); float runs no
+    line ends at are plotted alone."""
     plt = _plt()
     g = groups(rows, group_by, metric)
     k = scale(metric)
     lines: dict[tuple, dict[float, tuple[float, float]]] = defaultdict(dict)
-    base: dict[tuple, tuple[float, float]] = {}
+    base: dict[tuple, dict[float, tuple[float, float]]] = {}  # (*axes, float precision): its point
+    anchor: dict[tuple, tuple] = {}  # line: the key of its float run in base
     for key, vals in g.items():
-        axes, p = key[:-1], key[-1]
-        m, s = mean_sd(vals)
-        bits = nominal_bits(p)
-        if bits >= 16 and not p.startswith("ptq-"):
-            base[axes] = (m * k, s * k)
+        axes, q = key[:-1], _precision(key[-1])
+        if q is None:
             continue
-        parts = p.split("-")
-        family = ("ptq " if p.startswith("ptq-") else "") + (parts[2] if p.startswith("ptq-") else
-                                                            parts[1] if len(parts) > 1 else "absmedian")
-        lines[(*axes, family)][bits] = (m * k, s * k)
-    for axes, b in base.items():
-        for key in lines:
-            if key[:-1] == axes:
-                lines[key][32.0] = b
-        if not any(key[:-1] == axes for key in lines):
-            lines[(*axes, "fp32")][32.0] = b
+        m, s = mean_sd(vals)
+        if q.family == "fp":
+            base[(*axes, str(q))] = {q.nominal_bits: (m * k, s * k)}
+            continue
+        lines[(*axes, q.scheme)][q.nominal_bits] = (m * k, s * k)
+        anchor[(*axes, q.scheme)] = (*axes, str(Precision(autocast=q.autocast)))
+    for key, fp in anchor.items():
+        lines[key].update(base.get(fp, {}))
+    for key, point in base.items():
+        if key not in anchor.values():
+            lines[key].update(point)
     widths: dict[tuple, set] = defaultdict(set)
     for key, v in lines.items():
         widths[key[:-1]] |= set(v)
@@ -223,7 +235,7 @@ def plot_vs_bits(rows: list[dict], group_by: tuple[str, ...], metric: str, path:
     ax.set_xscale("log", base=2)
     ticks = [1, 1.58, 2, 4, 8, 16, 32]
     ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_xlabel("weight bits (fp32 = 32)")
+    ax.set_xlabel("weight bits (fp32 = 32, bf16/fp16 = 16)")
     ax.set_ylabel(metric + (" (%)" if k == 100 else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -12,6 +12,8 @@ import argparse
 import math
 from pathlib import Path
 
+from tritium.cli import comma_list, nonnegative_int, positive_int
+
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True
 GROUP_BY = ("input_layer", "dataset")
@@ -26,11 +28,12 @@ HYPER = ("epochs", "batch_size", "lr", "weight_decay", "hidden", "dropout", "min
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default=None, help="comma list of text_gcn datasets (R8, R52, 20ng, ...)")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--min-count", type=int, default=None, help="drop words rarer than this in train")
+    parser.add_argument("--dataset", default=None, type=comma_list,
+                        help="comma list of text_gcn datasets (R8, R52, 20ng, ...)")
+    parser.add_argument("--epochs", type=positive_int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=None)
+    parser.add_argument("--hidden", type=positive_int, default=None)
+    parser.add_argument("--min-count", type=nonnegative_int, default=None, help="drop words rarer than this in train")
     parser.add_argument("--input-layer", choices=("embedding", "linear"), default=None,
                         help="embedding: EmbeddingBag kept in full precision (paper); linear: a Linear over "
                              "the bag-of-words vector, quantized too")
@@ -45,12 +48,12 @@ def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
             for d in datasets for s in seeds(args) for p in precisions(args)]
 
 
-def _accuracy(model, split, batch_size: int = 1024) -> float:
+def _accuracy(model, split, precision, batch_size: int = 1024) -> float:
     import torch
 
     model.eval()
     correct = 0
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast_context():
         for i in range(0, len(split), batch_size):
             index = torch.arange(i, min(i + batch_size, len(split)))
             ids, offsets = split.batch(index)
@@ -67,13 +70,14 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     from tritium.models import WideMLP
     from tritium.optim import LazyAdamW
 
-    from .runner import progress, split_precision
+    from .runner import progress
 
     ds = load_text_gcn(cfg["dataset"], args.data_dir, cfg["min_count"], cfg["val_fraction"], cfg["split_seed"])
     torch.manual_seed(cfg["seed"])
     model = WideMLP(len(ds.vocab), len(ds.classes), cfg["hidden"], cfg["dropout"], cfg["input_layer"])
-    train_spec, ptq_spec = split_precision(cfg["precision"])
-    tritium.quantize(model, train_spec)
+    precision = tritium.parse_precision(cfg["precision"])
+    if precision.train is not None:
+        tritium.quantize(model, precision.train)
     if isinstance(model.embed, torch.nn.EmbeddingBag):
         model.embed.sparse = True
     opt = LazyAdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -91,25 +95,26 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         for i in range(0, len(perm), cfg["batch_size"]):
             index = perm[i: i + cfg["batch_size"]]
             ids, offsets = ds.train.batch(index)
-            loss = F.cross_entropy(model(ids, offsets), ds.train.labels[index])
+            with precision.autocast_context():
+                loss = F.cross_entropy(model(ids, offsets), ds.train.labels[index])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             loss_sum += loss.item() * len(index)
         opt.sync()
-        val_acc, test_acc = _accuracy(model, ds.val), _accuracy(model, ds.test)
+        val_acc, test_acc = _accuracy(model, ds.val, precision), _accuracy(model, ds.test, precision)
         if val_acc > best_val:
             best_val, test_at_best = val_acc, test_acc
         curves["step"].append(epoch + 1)
         curves["train_loss"].append(loss_sum / len(ds.train))
         curves["val_acc"].append(val_acc)
         curves["test_acc"].append(test_acc)
-    if ptq_spec:
-        tritium.ptq(model, ptq_spec)
-    test_acc = _accuracy(model, ds.test)
+    if precision.ptq is not None:
+        tritium.ptq(model, precision.ptq)
+    test_acc = _accuracy(model, ds.test, precision)
     return {
-        "test_acc": test_acc, "last_val_acc": _accuracy(model, ds.val), "best_val_acc": best_val,
+        "test_acc": test_acc, "last_val_acc": _accuracy(model, ds.val, precision), "best_val_acc": best_val,
         "test_acc_at_best_val": test_at_best, "final_train_loss": curves["train_loss"][-1],
         "vocab_size": len(ds.vocab), "n_train": len(ds.train), "n_val": len(ds.val), "n_test": len(ds.test),
         "curves": curves, **tritium.summary(model).as_dict(),

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tritium.cli import nonnegative_int, positive_int
+
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True
 GROUP_BY = ()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--noise", type=int, default=None, help="number of noise inputs")
+    parser.add_argument("--epochs", type=positive_int, default=None)
+    parser.add_argument("--hidden", type=positive_int, default=None)
+    parser.add_argument("--noise", type=nonnegative_int, default=None, help="number of noise inputs")
 
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
@@ -36,19 +38,22 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     from tritium.data.xor import make_xor
     from tritium.models import XorMLP
 
-    from .runner import progress, split_precision
+    from .runner import progress
 
     torch.manual_seed(cfg["seed"])
     x, y = make_xor(cfg["n_train"], cfg["noise"], seed=1000 + cfg["seed"])
     xt, yt = make_xor(cfg["n_test"], cfg["noise"], seed=2000 + cfg["seed"])
-    train_spec, ptq_spec = split_precision(cfg["precision"])
-    model = tritium.quantize(XorMLP(2 + cfg["noise"], cfg["hidden"]), train_spec)
+    precision = tritium.parse_precision(cfg["precision"])
+    model = XorMLP(2 + cfg["noise"], cfg["hidden"])
+    if precision.train is not None:
+        tritium.quantize(model, precision.train)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     curves: dict[str, list] = {"step": [], "train_loss": [], "train_acc": []}
     for epoch in progress(range(cfg["epochs"]), args, desc="epochs"):
         model.train()
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with precision.autocast_context():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -56,12 +61,13 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
             curves["step"].append(epoch + 1)
             curves["train_loss"].append(loss.item())
             curves["train_acc"].append((logits.argmax(-1) == y).float().mean().item())
-    if ptq_spec:
-        tritium.ptq(model, ptq_spec)
+    if precision.ptq is not None:
+        tritium.ptq(model, precision.ptq)
     model.eval()
     with torch.no_grad():
-        train_acc = (model(x).argmax(-1) == y).float().mean().item()
-        test_acc = (model(xt).argmax(-1) == yt).float().mean().item()
+        with precision.autocast_context():
+            train_acc = (model(x).argmax(-1) == y).float().mean().item()
+            test_acc = (model(xt).argmax(-1) == yt).float().mean().item()
         fc1 = model.fc1
         if isinstance(fc1, tritium.BitLinear):
             q, s = quant.quantize_weight(fc1.weight, fc1.config)
