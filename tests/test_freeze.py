@@ -135,3 +135,133 @@ def test_strict_failure_leaves_model_untouched():
     with pytest.raises(ValueError, match="cannot freeze '1'"):
         freeze(model)
     assert all(isinstance(m, BitLinear) for m in model)
+
+
+def test_frozen_weight_exposes_shape_dtype_device_only():
+    import numpy as np
+
+    torch.manual_seed(5)
+    layer, frozen = _pair(10, 6, granularity="channel")
+    w = frozen.weight
+    assert not isinstance(w, torch.Tensor)  # model code guarded by isinstance(weight, Tensor) skips it
+    assert w.shape == (6, 10) and w.size() == (6, 10) and w.size(1) == 10 and w.dim() == w.ndim == 2
+    assert w.dtype == torch.float32 and w.device == torch.device("cpu") and w.numel() == 60
+    assert not w.requires_grad and not w.is_meta and "packed ternary" in repr(w)
+    deq = frozen.dequantized_weight()
+    assert deq.dtype == torch.float32 and torch.equal(deq, layer.quantized_weight())
+    assert torch.equal(w.dequantize(), deq)
+    x = torch.randn(3, 10)
+    for use in (lambda: x @ w, lambda: nn.functional.linear(x, w), lambda: torch.matmul(x, w),
+                lambda: w * 2, lambda: np.asarray(w)):
+        with pytest.raises(TypeError, match="packed ternary.*dequantized_weight"):
+            use()
+    for name in ("t", "data", "float", "T"):
+        with pytest.raises(AttributeError, match=f"no attribute '{name}'.*dequantized_weight"):
+            getattr(w, name)
+    assert frozen.to(torch.bfloat16).weight.dtype == torch.bfloat16
+    assert frozen.half().weight.dtype == torch.float16 and frozen.float().weight.dtype == torch.float32
+    assert freeze(copy.deepcopy(layer).to(torch.bfloat16)).weight.dtype == torch.bfloat16
+
+
+def test_frozen_t5_runs_where_it_reads_the_weight():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)
+    torch.manual_seed(6)
+    model = quantize(transformers.T5ForConditionalGeneration(cfg)).eval()
+    ids = torch.randint(0, 32, (2, 5))
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=ids).logits
+    want_grad_mode = model(input_ids=ids, decoder_input_ids=ids).logits  # attention takes another path
+    freeze(model)  # T5's feed-forward reads wo.weight.dtype
+    assert isinstance(model.encoder.block[0].layer[1].DenseReluDense.wo, TernaryLinear)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, want)
+    assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, want_grad_mode)
+
+
+def _input_grad(module, x, backend):
+    from tritium import kernels
+
+    before = kernels.get_backend()
+    kernels.set_backend(backend)
+    try:
+        x = x.detach().clone().requires_grad_(True)
+        y = module(x)
+        (y * torch.arange(y.shape[-1], dtype=y.dtype)).sum().backward()
+        return y.detach(), x.grad
+    finally:
+        kernels.set_backend(before)
+
+
+def test_straight_through_gradient_same_on_every_backend():
+    from tritium import kernels
+
+    torch.manual_seed(7)
+    layer, frozen = _pair(37, 11, granularity="channel")
+    x = torch.randn(2, 5, 37)
+    want_y, want_dx = _input_grad(layer, x, "reference")  # BitLinear: dx = dy @ (q s), through the norm
+    with torch.no_grad():
+        frozen_y = frozen(x)
+    grads = {}
+    for backend in kernels.available_backends():
+        y, dx = _input_grad(frozen, x, backend)
+        assert torch.equal(y, frozen_y) and torch.equal(y, want_y)  # tracking gradients changes nothing
+        grads[backend] = dx
+        torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-6)  # the same maths, other rounding
+    assert all(torch.equal(g, grads["reference"]) for g in grads.values())
+    assert list(frozen.parameters()) == []  # nothing to train: no weight gradient
+    compiled = torch.compile(frozen, backend="aot_eager", fullgraph=True)
+    y, dx = _input_grad(compiled, x, kernels.available_backends()[0])
+    assert torch.equal(y, frozen_y) and torch.equal(dx, grads["reference"])
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    frozen(xb).sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad.float()).all()
+
+
+def test_gradient_through_frozen_model_to_earlier_parameters():
+    from tritium import kernels
+
+    torch.manual_seed(8)
+    emb = nn.Embedding(10, 16)
+    model = nn.Sequential(emb, nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    quantize(model, include=r"^[13]$")
+    freeze(model.eval())
+    ids = torch.randint(0, 10, (3, 5))
+    grads, before = [], kernels.get_backend()
+    try:
+        for backend in kernels.available_backends():
+            emb.weight.grad = None
+            kernels.set_backend(backend)
+            model(ids).square().sum().backward()
+            grads.append(emb.weight.grad.clone())
+    finally:
+        kernels.set_backend(before)
+    assert grads[0].abs().sum() > 0 and all(torch.equal(g, grads[0]) for g in grads)
+
+
+def test_freeze_refuses_in_features_above_kernel_limit():
+    from tritium import kernels
+
+    model = nn.Sequential(BitLinear(kernels.MAX_K + 1, 2, device="meta"))
+    with pytest.raises(ValueError, match=rf"cannot freeze '0'.*in_features={kernels.MAX_K + 1}.*at most"):
+        freeze(model)
+    with pytest.warns(UserWarning, match="kept as BitLinear"):
+        freeze(model, strict=False)
+    torch.manual_seed(9)
+    layer, frozen = _pair(kernels.MAX_K, 2, bias=False)  # the largest K the kernels take
+    x = torch.randn(2, kernels.MAX_K)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), layer(x))
+
+
+def test_loaded_frozen_layer_reports_the_skeleton_weight_dtype(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    freeze(quantize(model).to(torch.bfloat16))
+    assert model[0].weight.dtype == torch.bfloat16
+    tritium.save(model, tmp_path / "m.safetensors")
+    skeleton = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to("meta", torch.bfloat16)
+    loaded = tritium.load(tmp_path / "m.safetensors", model=skeleton)
+    assert isinstance(loaded[2], TernaryLinear) and loaded[2].weight.dtype == torch.bfloat16
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(loaded(x), model(x))

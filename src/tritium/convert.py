@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import BitConfig, parse_spec
-from .nn import BitLinear
+from .nn import BitConv1D, BitLinear
 
 #: Modules whose qualified name matches one of these stay in full precision unless ``exclude`` is given.
 #: Besides these, a transformers model's output embedding (``get_output_embeddings()``, e.g. BERT's
@@ -52,19 +52,22 @@ def _patterns(p: str | Iterable[str] | None) -> list[re.Pattern]:
 
 
 def _to_bitlinear(module: nn.Module, config: BitConfig, name: str) -> BitLinear:
-    """A `BitLinear` computing what ``module`` computed, sharing its parameters where layouts agree."""
+    """A `BitLinear` computing what ``module`` computed, sharing its parameters (not copies)."""
     weight = module.weight
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"module {name!r} has an uninitialized (lazy) weight: run one forward pass first")
     if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: y = x @ W + b with W of (in, out)
-        in_f, out_f = weight.shape
-        weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
-    else:
-        out_f, in_f = weight.shape
+        return BitConv1D.from_conv1d(module, config)
+    out_f, in_f = weight.shape
     new = BitLinear(in_f, out_f, bias=module.bias is not None, config=config, device="meta")
     new.weight = weight  # shared, not copied: tied weights and optimizer references keep working
     new.bias = module.bias
     return new
+
+
+def _same_config(a: BitConfig, b: BitConfig) -> bool:
+    """Equal configs apart from the warm-up blend (which `LambdaWarmup` changes during training)."""
+    return a.replace(lambda_=b.lambda_) == b
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -87,8 +90,14 @@ def quantize(
     Replaces every `nn.Linear`, transformers' `Conv1D` (GPT-2) and PyTorch Geometric's `Linear` (inside
     `GCNConv`, `SGConv`, ...) by a `BitLinear` with ``config`` (a `BitConfig` or a spec string such as
     ``"1.58-absmedian"``; a float spec such as ``"fp32"`` converts nothing). Parameters are shared with the
-    replaced module (Conv1D's are transposed copies), so tied weights stay tied. Embeddings and norms are
-    never converted.
+    replaced module, so tied weights stay tied and optimizers keep their references; a `Conv1D` becomes a
+    `BitConv1D`, which keeps Conv1D's ``(in, out)`` weight layout. Each converted module's ``state_dict``
+    is the replaced module's, so checkpoints load into the quantized and the plain model alike.
+    Embeddings and norms are never converted.
+
+    ``model`` must contain the layers to convert: a bare `nn.Linear` (or `Conv1D`, PyG `Linear`) raises
+    TypeError (use `BitLinear.from_linear`). Calling `quantize` again with the same config is a no-op;
+    a selected layer that is already a `BitLinear` with another config raises ValueError naming it.
 
     Args:
         include: regexes (``re.search`` on qualified module names); when given, only matching modules
@@ -99,30 +108,55 @@ def quantize(
         verbose: print the `summary` table.
     """
     cfg = _as_config(BitConfig() if config is None else config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
     if cfg is not None:
-        inc = _patterns(include)
-        exc = _patterns(DEFAULT_EXCLUDE if exclude is None else exclude)
-        head = _output_head(model) if exclude is None else None
-        types = _linear_types()
-        for name, module in list(model.named_modules()):
-            for child_name, child in list(module.named_children()):
-                full = f"{name}.{child_name}" if name else child_name
-                if not isinstance(child, types) or isinstance(child, BitLinear):
-                    continue
-                if inc and not any(p.search(full) for p in inc):
-                    continue
-                if child is head or any(p.search(full) for p in exc):
-                    continue
-                if isinstance(module, nn.MultiheadAttention):
-                    warnings.warn(
-                        f"{full!r} is left in full precision: nn.MultiheadAttention reads its weights "
-                        "directly and never calls the submodule", stacklevel=2,
-                    )
-                    continue
-                setattr(module, child_name, _to_bitlinear(child, cfg, full))
+        _convert(model, cfg, include, exclude)
     if verbose:
         print(summary(model))
     return model
+
+
+def _convert(model: nn.Module, cfg: BitConfig, include, exclude) -> None:
+    types = _linear_types()
+    if isinstance(model, BitLinear):
+        if not _same_config(model.config, cfg):
+            raise ValueError(f"the model is a BitLinear with config {model.config.spec!r}, not {cfg.spec!r}")
+    elif isinstance(model, types):
+        raise TypeError(
+            f"quantize converts the layers inside a model and cannot replace the model itself, a "
+            f"{type(model).__name__}: use BitLinear.from_linear(layer, config) or wrap it in nn.Sequential"
+        )
+    inc = _patterns(include)
+    exc = _patterns(DEFAULT_EXCLUDE if exclude is None else exclude)
+    head = _output_head(model) if exclude is None else None
+    todo = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, types):
+                continue
+            if inc and not any(p.search(full) for p in inc):
+                continue
+            if child is head or any(p.search(full) for p in exc):
+                continue
+            if isinstance(child, BitLinear):
+                if not _same_config(child.config, cfg):
+                    raise ValueError(
+                        f"{full!r} is already quantized with config {child.config.spec!r} "
+                        f"(norm={child.config.norm}), not {cfg.spec!r} (norm={cfg.norm}); select other "
+                        "layers with include/exclude, or quantize a fresh model"
+                    )
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                warnings.warn(
+                    f"{full!r} is left in full precision: nn.MultiheadAttention reads its weights "
+                    "directly and never calls the submodule", stacklevel=2,
+                )
+                continue
+            todo.append((module, child_name, child, full))
+    for module, child_name, child, full in todo:
+        setattr(module, child_name, _to_bitlinear(child, cfg, full))
 
 
 def ptq(model: nn.Module, config: BitConfig | str | None = None, **kwargs) -> nn.Module:
@@ -240,9 +274,15 @@ def freeze(model: nn.Module, strict: bool = True) -> nn.Module:
     frozen layer and rounded back, so they equal the float32 layer output rounded to that dtype (and
     differ from a bf16/fp16 `BitLinear` forward by that forward's own rounding).
 
-    The kernels support ternary weights with a per-tensor or per-channel scale, 8-bit activations and
-    ``lambda_ = 1``. A `BitLinear` with another config raises ValueError naming the layer and its config;
-    with ``strict=False`` it stays a `BitLinear` instead (with a warning). A ``model`` that is itself a
+    The kernels support ternary weights with a per-tensor or per-channel scale, 8-bit activations,
+    ``lambda_ = 1`` and ``in_features`` up to `tritium.kernels.MAX_K`. A `BitLinear` with another config or
+    a larger ``in_features`` raises ValueError naming the layer and the reason; with ``strict=False`` it
+    stays a `BitLinear` instead (with a warning).
+
+    A frozen layer has no parameters; gradients flow to its input (straight-through, as in `BitLinear`),
+    so earlier parameters still get gradients, identically on every kernel backend. Its ``weight`` is a
+    `tritium.nn.FrozenWeight` (shape, dtype, device; no values) for model code that inspects it, and
+    ``dequantized_weight()`` returns the float32 weight. A ``model`` that is itself a
     `BitLinear` is not changed: the new `TernaryLinear` is returned.
     """
     from .nn import TernaryLinear

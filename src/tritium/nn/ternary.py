@@ -11,6 +11,106 @@ from ..config import NORMS
 ACT_BITS = 8
 
 
+class FrozenWeight:
+    """What a `TernaryLinear` shows as ``.weight``: the shape, dtype and device of the weight it replaces.
+
+    Model code that inspects a linear layer's weight (``weight.shape``, ``weight.dtype``, ``weight.device``,
+    ``isinstance(weight, torch.Tensor)``, which is False) keeps working on a frozen model. The values are
+    packed, so any numeric use (torch functions, arithmetic, ``.data``, ``.t()``, ...) raises a TypeError or
+    AttributeError that says so; `dequantize` (or `TernaryLinear.dequantized_weight`) returns the
+    dequantized float32 weight ``q * s`` of shape ``(out_features, in_features)``.
+
+    ``dtype`` is the dtype of the `BitLinear` weight the layer was frozen from (float32 for a loaded
+    layer), changed by ``module.to(dtype)``; the layer accepts any floating-point input regardless.
+    """
+
+    __slots__ = ("_layer",)
+
+    def __init__(self, layer: TernaryLinear) -> None:
+        self._layer = layer
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._layer.out_features, self._layer.in_features))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self._layer, "_weight_dtype", torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return self._layer.weight_packed.device
+
+    @property
+    def is_meta(self) -> bool:
+        return self.device.type == "meta"
+
+    ndim = 2
+    requires_grad = False
+
+    def dim(self) -> int:
+        return 2
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dequantize(self) -> Tensor:
+        """The dequantized float32 weight ``(out_features, in_features)``."""
+        return self._layer.dequantized_weight()
+
+    def _refuse(self, what: str) -> str:
+        return (f"{what}: the weight of a frozen TernaryLinear ({self._layer.out_features} x "
+                f"{self._layer.in_features}) is packed ternary and has no float values; use "
+                "layer.dequantized_weight() (or layer.weight.dequantize()) for the float32 weight q * s")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        weight = next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, FrozenWeight))
+        raise TypeError(weight._refuse(f"{getattr(func, '__name__', func)}() got a TernaryLinear weight"))
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(self._refuse(f"TernaryLinear weight has no attribute {name!r}"))
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(self._refuse("cannot convert a TernaryLinear weight to an array"))
+
+    def _arithmetic(self, *args):
+        raise TypeError(self._refuse("arithmetic on a TernaryLinear weight"))
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _arithmetic
+    __matmul__ = __rmatmul__ = __pow__ = __rpow__ = __neg__ = __abs__ = __getitem__ = _arithmetic
+
+    def __repr__(self) -> str:
+        return f"FrozenWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, packed ternary)"
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The frozen product with a straight-through input gradient ``dx = dy @ (q * s)`` (no weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, n, k, scale, bias):
+        ctx.save_for_backward(packed, scale)
+        ctx.shape = (n, k)
+        if torch.compiler.is_compiling():
+            return torch.ops.tritium.ternary_linear(x, packed, n, k, scale, bias)
+        return kernels._ternary_linear_impl(x, packed, n, k, scale, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, scale = ctx.saved_tensors
+        w = _dequantize(packed, scale, *ctx.shape).to(dy.dtype)
+        return dy @ w, None, None, None, None, None
+
+
+def _dequantize(packed: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
+    return kernels.unpack(packed, n, k).float() * scale.reshape(-1, 1)
+
+
 class TernaryLinear(nn.Module):
     """Inference-only linear layer with packed ternary weights and 8-bit per-token activations.
 
@@ -28,6 +128,11 @@ class TernaryLinear(nn.Module):
         bias: float32 ``(out_features,)`` or None.
 
     ``weight_scale`` and ``bias`` stay float32 when the module is cast with ``.to(dtype)``.
+
+    ``weight`` is a `FrozenWeight` (shape, dtype and device of the replaced weight, no values) for model
+    code that inspects its linear layers; `dequantized_weight` returns the float32 weight ``q * s``.
+    Gradients: with respect to the input only, straight-through as in `BitLinear`:
+    ``dx = dy @ (q * s)`` through the input norm, identical on every kernel backend.
     """
 
     def __init__(
@@ -52,15 +157,28 @@ class TernaryLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(n_scales, dtype=torch.float32, device=device))
         b = torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None
         self.register_buffer("bias", b)
+        self._weight_dtype = torch.float32
+
+    @property
+    def weight(self) -> FrozenWeight:
+        """Shape, dtype and device of the packed weight (no values; see `FrozenWeight`)."""
+        return FrozenWeight(self)
+
+    def dequantized_weight(self) -> Tensor:
+        """The float32 weight ``q * s`` of shape ``(out_features, in_features)`` the layer multiplies by."""
+        return _dequantize(self.weight_packed, self.weight_scale, self.out_features, self.in_features)
 
     @classmethod
     def from_bitlinear(cls, layer: nn.Module, name: str = "layer") -> TernaryLinear:
         """The frozen form of a ternary `BitLinear` (8-bit activations, tensor/channel scale, lambda_ 1).
 
-        Raises ValueError naming ``name`` and the config for any other config.
+        Raises ValueError naming ``name`` and the config for any other config, and for ``in_features``
+        above `tritium.kernels.MAX_K`.
         """
         cfg = layer.config
         problems = []
+        if layer.in_features > kernels.MAX_K:
+            problems.append(f"in_features={layer.in_features} (the kernels take at most {kernels.MAX_K})")
         if not cfg.ternary:
             problems.append(f"weight_bits={cfg.weight_bits} (needs 1.58)")
         if cfg.act_bits != ACT_BITS:
@@ -73,7 +191,7 @@ class TernaryLinear(nn.Module):
             raise ValueError(
                 f"cannot freeze {name!r} (config {cfg.spec!r}, norm={cfg.norm}): " + "; ".join(problems)
             )
-        w = layer.weight
+        w = layer.linear_weight()
         q, s = quant.quantize_weight(w.detach(), cfg)
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, cfg.norm,
                   cfg.granularity == "channel", device=w.device)
@@ -81,6 +199,7 @@ class TernaryLinear(nn.Module):
         new.weight_scale = quant.row_scale(s, layer.out_features).reshape(-1).float().contiguous()
         if layer.bias is not None:
             new.bias = layer.bias.detach().float().clone().contiguous()
+        new._weight_dtype = w.dtype
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -97,6 +216,11 @@ class TernaryLinear(nn.Module):
             xf = xf.reshape(-1, k)
         if xf.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], n)
+        if xf.requires_grad and torch.is_grad_enabled():
+            y = _StraightThrough.apply(xf, packed, n, k, scale, bias)
+            if x.dim() != 2:
+                y = y.view(*x.shape[:-1], n)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         # quantize_act(xf, 8) + ternary_matmul in one native call, bit-identical to the composition; in
         # eager mode the op's implementation is called directly (saves the custom-op dispatch at decode).
         if torch.compiler.is_compiling():
@@ -109,6 +233,12 @@ class TernaryLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         keep = {name: getattr(self, name) for name in ("weight_scale", "bias")}
+        try:  # what the cast does to a floating-point tensor is the dtype `weight` reports
+            probe = fn(torch.empty(0, dtype=self.weight.dtype, device=self.weight_packed.device))
+            if isinstance(probe, Tensor) and probe.is_floating_point():
+                self._weight_dtype = probe.dtype
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
         super()._apply(fn, recurse)
         for name, t in keep.items():
             cur = getattr(self, name)
