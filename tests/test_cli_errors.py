@@ -7,12 +7,20 @@ import json
 
 import pytest
 
+from tritium import args as argtypes
 from tritium import cli
 from tritium.cli import main
 
 OUT = "{tmp}/out"
 
 CASES = [
+    # tritium demo
+    (["demo", "--epochs", "0"], "--epochs"),
+    (["demo", "--threads", "0"], "--threads"),
+    (["demo", "--seed", "-1"], "--seed"),
+    (["demo", "--precision", ""], "--precision"),
+    (["demo", "--precision", "1.58-foo"], "--precision"),
+    (["demo", "--precision", "ptq-1.58-absmean"], "--precision"),
     # tritium run: the common options
     (["run", "xor", "--hidden", "0"], "--hidden"),
     (["run", "xor", "--precision", ""], "--precision"),
@@ -166,18 +174,18 @@ def test_missing_input_file_is_a_message_but_internal_errors_are_not(tmp_path, c
 
 
 @pytest.mark.parametrize("check, good, bad", [
-    (cli.positive_int, [("3", 3), (4, 4), (2.0, 2)], ["0", "-1", "x", "2.5", True, None, ""]),
-    (cli.nonnegative_int, [("0", 0)], ["-1", "1e3x"]),
-    (cli.positive_float, [("1e-3", 1e-3), (2, 2.0)], ["0", "inf", "nan", "x"]),
-    (cli.nonnegative_float, [("0", 0.0)], ["-0.1"]),
-    (cli.fraction, [("0.1", 0.1)], ["0", "1", "1.5"]),
-    (cli.unit_interval, [("0", 0.0), ("1", 1.0)], ["1.01", "-0.01"]),
-    (cli.probability, [("0", 0.0), ("0.5", 0.5)], ["1", "-0.1"]),
-    (cli.boolean, [("true", True), (False, False), ("0", False)], ["maybe", 3]),
-    (cli.regex, [("a|b", "a|b")], ["((", "*"]),
-    (cli.comma_list, [(" a, b ", "a,b"), (["x", "y"], "x,y")], ["", "a,,b", ","]),
-    (cli.positive_int_list, [("32,64", "32,64"), (64, "64"), ([8, 16], "8,16")], ["32,x", "0", ""]),
-    (cli.choice_list("sgc", "gcn"), [("SGC,gcn", "sgc,gcn")], ["mlp", ""]),
+    (argtypes.positive_int, [("3", 3), (4, 4), (2.0, 2)], ["0", "-1", "x", "2.5", True, None, ""]),
+    (argtypes.nonnegative_int, [("0", 0)], ["-1", "1e3x"]),
+    (argtypes.positive_float, [("1e-3", 1e-3), (2, 2.0)], ["0", "inf", "nan", "x"]),
+    (argtypes.nonnegative_float, [("0", 0.0)], ["-0.1"]),
+    (argtypes.fraction, [("0.1", 0.1)], ["0", "1", "1.5"]),
+    (argtypes.unit_interval, [("0", 0.0), ("1", 1.0)], ["1.01", "-0.01"]),
+    (argtypes.probability, [("0", 0.0), ("0.5", 0.5)], ["1", "-0.1"]),
+    (argtypes.boolean, [("true", True), (False, False), ("0", False)], ["maybe", 3]),
+    (argtypes.regex, [("a|b", "a|b")], ["((", "*"]),
+    (argtypes.comma_list, [(" a, b ", "a,b"), (["x", "y"], "x,y")], ["", "a,,b", ","]),
+    (argtypes.positive_int_list, [("32,64", "32,64"), (64, "64"), ([8, 16], "8,16")], ["32,x", "0", ""]),
+    (argtypes.choice_list("sgc", "gcn"), [("SGC,gcn", "sgc,gcn")], ["mlp", ""]),
 ])
 def test_argument_types(check, good, bad):
     for value, want in good:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import tritium
+from tritium.args import comma_list, nonnegative_int, positive_int
 
 PRECISIONS = ("fp32", "1.58-absmean", "1.58-absmedian")
 
@@ -62,7 +63,7 @@ def train_one(precision: str, data, epochs: int, seed: int = 0) -> dict:
            "bits_per_weight": tritium.summary(model).bits_per_weight, "train_s": seconds}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
-        if precision.startswith("1.58"):  # serve it: packed 2-bit weights and the C kernels
+        if _servable(precision):  # serve it: packed 2-bit weights and the C kernels
             tritium.save(tritium.freeze(model), path)
             served = tritium.load(path, model=tritium.quantize(make_mlp().to("meta"), precision))
             with torch.inference_mode():
@@ -86,12 +87,29 @@ def format_table(rows: list[dict]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=40, help="training epochs per precision (default 40)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--epochs", type=positive_int, default=40, help="training epochs per precision (default 40)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (default 1: the model is too small to gain from more)")
-    parser.add_argument("--precision", default=",".join(PRECISIONS),
+    parser.add_argument("--precision", type=spec_list, default=",".join(PRECISIONS),
                         help="comma-separated precision specs (default: %(default)s)")
+
+
+def spec_list(value: object) -> str:
+    """A non-empty comma list of `tritium.parse_spec` specs, returned as given."""
+    text = comma_list(value)
+    for spec in text.split(","):
+        try:
+            tritium.parse_spec(spec)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _servable(precision: str) -> bool:
+    """Whether `tritium.freeze` turns a model quantized with ``precision`` into packed ternary layers."""
+    cfg = tritium.parse_spec(precision)
+    return cfg is not None and cfg.ternary and cfg.act_bits == 8 and cfg.granularity in ("tensor", "channel")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels, quant
-from ..cli import output_file, positive_int
+from ..args import output_file, positive_int
 from ..config import BitConfig
 from .common import machine_info, memory_bandwidth_gb_s, time_interleaved, time_median, write_json
 

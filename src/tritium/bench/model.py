@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UsageError, output_file, positive_int
+from ..args import UsageError, output_file, positive_int
 
 VARIANTS = ("fp32", "bf16", "ternary")
 PROMPT = 16

@@ -21,7 +21,7 @@ import tritium
 from tritium.models import WideMLP
 from tritium.optim import LazyAdamW
 
-from ..cli import output_file, positive_int
+from ..args import output_file, positive_int
 from .common import machine_info, write_json
 
 

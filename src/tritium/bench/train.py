@@ -18,7 +18,7 @@ from torch import nn
 
 import tritium
 
-from ..cli import nonnegative_int, output_file, positive_int
+from ..args import nonnegative_int, output_file, positive_int
 from .common import PeakMemory, machine_info, write_json
 
 VARIANTS = {"nn.Linear": None, "tritium absmean": "1.58-absmean", "tritium absmedian": "1.58-absmedian"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tritium.cli import choice_list, comma_list, positive_int
+from tritium.args import choice_list, comma_list, positive_int
 
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tritium.cli import (
+from tritium.args import (
     fraction,
     nonnegative_float,
     nonnegative_int,

@@ -48,7 +48,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import atomic
-from ..cli import (
+from ..args import (
     UsageError,
     boolean,
     check,

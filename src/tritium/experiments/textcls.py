@@ -12,7 +12,7 @@ import argparse
 import math
 from pathlib import Path
 
-from tritium.cli import comma_list, nonnegative_int, positive_int
+from tritium.args import comma_list, nonnegative_int, positive_int
 
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tritium.cli import nonnegative_int, positive_int
+from tritium.args import nonnegative_int, positive_int
 
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True
