@@ -1,13 +1,16 @@
 """Atomic file writes and durable appends: every file tritium writes goes through here.
 
 A write either leaves ``path`` as it was (absent or unchanged) or replaces it with the complete new
-content: the data goes to a temporary file in the same folder, which is flushed, synced, given the mode
-a plain ``open`` would give (0666 less the umask) and renamed over ``path``; the folder is synced too.
+content: the data goes to a temporary file in the same folder, which is synced, given its mode and
+renamed over ``path``; the folder is synced too. No temporary file is left behind, also when the writer
+raises. The mode is the one a plain ``open(path, "w")`` gives: an existing file keeps its permission
+bits, a new one gets 0666 less the process umask (0644 under umask 022, 0600 under 077).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +27,23 @@ def umask() -> int:
             for line in f:
                 if line.startswith(b"Umask:"):
                     return int(line.split()[1], 8)
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         pass
     old = os.umask(0o022)
     os.umask(old)
     return old
+
+
+def new_file_mode(path: PathLike) -> int:
+    """The permission bits ``open(path, "w")`` leaves ``path`` with: its own if it is an existing regular
+    file, else 0666 less the umask."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode) & 0o777
+    except (OSError, ValueError):
+        pass
+    return 0o666 & ~umask()
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -46,16 +61,26 @@ def fsync_dir(path: PathLike) -> None:
 
 
 def write_with(path: PathLike, write: Callable[[Path], object]) -> None:
-    """Atomically create or replace ``path`` with what ``write(tmp_path)`` writes to a temporary path."""
+    """Atomically create or replace ``path`` with what ``write(tmp_path)`` writes to a temporary path.
+
+    ``write`` must have closed (flushed) the file when it returns; if it raises, ``path`` is unchanged.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mode = new_file_mode(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            os.fchmod(f.fileno(), 0o666 & ~umask())
-            os.fsync(f.fileno())
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, mode)
+            else:  # pragma: no cover - platforms without fchmod
+                os.chmod(tmp_path, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -81,10 +106,15 @@ def write_text(path: PathLike, text: str) -> None:
 
 
 def append_line(path: PathLike, line: bytes) -> None:
-    """Append ``line`` (newline-terminated) with a single write, flushed and synced."""
+    """Append ``line`` (newline-terminated) to ``path`` (created with mode 0666 less the umask if absent)
+    with one ``O_APPEND`` write, then sync it."""
     if not line.endswith(b"\n"):
         raise ValueError("append_line: the line must end with a newline")
-    with open(path, "ab") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(line)
+        while view:  # a regular file takes the whole line at once; loop in case it does not
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -13,7 +13,19 @@ and ``model_config``.
 
 Loading never unpickles: `load` validates the whole header first, then reads each tensor's bytes into
 fresh memory (no memory map, so loading a file costs no more than its tensors). Any malformed, truncated
-or hostile file raises `TritiumFormatError`.
+or hostile file raises `TritiumFormatError`, and so does anything that is not a regular file (a FIFO, a
+folder, a device), refused without blocking. The header (JSON) is bounded so that time and memory stay
+proportional to the file's size:
+
+* `MAX_HEADER_BYTES` (64 MiB): the header length (a Llama-70B file needs about 0.2 MiB);
+* `MAX_TENSORS` (131,072): stored tensors, and also layer records and aliases (a Llama-70B has 723
+  tensors, a frozen 671B mixture of experts with 256 experts per layer about 90,000);
+* `MAX_JSON_ITEMS` (4,194,304): JSON values (counted as commas and opening brackets) in the header and in
+  each JSON metadata string;
+* at most 8 dimensions per tensor, each below 2**31, integers of at most 30 digits, no duplicate keys.
+
+`save` runs the same validation on what it is about to write and raises ValueError instead of writing a
+file that `load` would refuse (a NaN or infinite scale, too many tensors, ...).
 """
 
 from __future__ import annotations
@@ -23,30 +35,44 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import struct
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import atomic, kernels, quant
+from .args import UsageError, existing_file, output_file
 from .config import NORMS, BitConfig
-from .nn import BitLinear, TernaryLinear
+from .nn import BitConv1D, BitLinear, FrozenWeight, TernaryLinear
 
 FORMAT = "tritium"
 FORMAT_VERSION = 1
 STORAGES = ("2bit", "base3")
-MAX_HEADER_BYTES = 100 * 2**20
+MAX_HEADER_BYTES = 64 * 2**20
+MAX_TENSORS = 2**17
+MAX_JSON_ITEMS = 2**22
 MAX_DIM = 2**31 - 1
+MAX_NDIM = 8
+_MAX_INT_DIGITS = 30
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "C64": torch.complex64,
 }
+for _name, _dtype in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"),
+                      ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+                      ("F8_E5M2FNUZ", "float8_e5m2fnuz")):
+    if hasattr(torch, _dtype):
+        _DTYPES[_name] = getattr(torch, _dtype)
+del _name, _dtype
 _POW3 = (1, 3, 9, 27, 81)
+_BASE3_WEIGHTS = ((torch.arange(243).reshape(-1, 1) // torch.tensor(_POW3)) % 3 - 1).to(torch.int8)  # per byte
+_BASE3_CHUNK = 1 << 20
 
 PathLike = str | os.PathLike
 
@@ -80,18 +106,32 @@ def unpack_stored(name: str, storage: str, p: Tensor, n: int, k: int) -> Tensor:
     if storage == "2bit":
         codes = (p.reshape(n, -1, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3
         codes = codes.reshape(n, -1)
-    else:
-        if p.ge(243).any():
-            raise TritiumFormatError(f"{name}: base-3 packed weight holds a byte >= 243")
-        codes = (p.to(torch.int16).reshape(-1, 1) // torch.tensor(_POW3, dtype=torch.int16)) % 3
-        codes = codes.reshape(-1)
-    if codes.eq(3).any():
-        raise TritiumFormatError(f"{name}: packed weight holds the invalid code 3")
-    pad = codes[:, k:] if storage == "2bit" else codes[n * k:]
-    if pad.ne(1).any():
+        if codes.eq(3).any():
+            raise TritiumFormatError(f"{name}: packed weight holds the invalid code 3")
+        if codes[:, k:].ne(1).any():
+            raise TritiumFormatError(f"{name}: packed weight has invalid padding")
+        return (codes[:, :k].to(torch.int8) - 1).reshape(n, k)
+    if p.ge(243).any():
+        raise TritiumFormatError(f"{name}: base-3 packed weight holds a byte >= 243")
+    flat = p.reshape(-1)
+    q = torch.empty(flat.numel() * 5, dtype=torch.int8)
+    for i in range(0, flat.numel(), _BASE3_CHUNK):  # a table lookup per byte, in bounded chunks
+        chunk = flat[i: i + _BASE3_CHUNK]
+        torch.index_select(_BASE3_WEIGHTS, 0, chunk.to(torch.int32), out=q[5 * i: 5 * (i + chunk.numel())].view(-1, 5))
+    if q[n * k:].ne(0).any():
         raise TritiumFormatError(f"{name}: packed weight has invalid padding")
-    q = (codes[:, :k] if storage == "2bit" else codes[: n * k]).to(torch.int8) - 1
-    return q.reshape(n, k)
+    return q[: n * k].reshape(n, k)
+
+
+def _check_2bit(name: str, p: Tensor, k: int) -> None:
+    """Raise unless the 2-bit packed ``(n, ceil(k / 4))`` weight ``p`` holds codes 0-2 and code-1 padding
+    (what `unpack_stored` checks, without unpacking)."""
+    if p.bitwise_and(p >> 1).bitwise_and_(0x55).any():
+        raise TritiumFormatError(f"{name}: packed weight holds the invalid code 3")
+    if k % 4 and p.numel():
+        shift = 2 * (k % 4)
+        if (p[:, -1] >> shift).ne(0x55 >> shift).any():
+            raise TritiumFormatError(f"{name}: packed weight has invalid padding")
 
 
 def _packed_shape(storage: str, n: int, k: int) -> tuple[int, ...]:
@@ -145,6 +185,9 @@ def _collect(model: nn.Module, storage: str) -> tuple[dict[str, Tensor], dict[st
                 "norm": m.norm, "scale": "channel" if m.per_channel else "tensor", "storage": storage,
             }
             q = kernels.unpack(m.weight_packed.cpu(), n, k)
+            if q.gt(1).any():
+                raise ValueError(f"cannot save layer {mname!r}: its packed weight holds the invalid code 3 "
+                                 "(the file would not load)")
             put(prefix + "weight_packed", pack_2bit(q) if storage == "2bit" else pack_base3(q))
             put(prefix + "weight_scale", m.weight_scale.float())
             if m.bias is not None:
@@ -181,49 +224,40 @@ def _collect(model: nn.Module, storage: str) -> tuple[dict[str, Tensor], dict[st
     return tensors, meta
 
 
-def _atomic_write(path: Path, data: bytes, chunk: int = 1 << 24) -> None:
-    """Write ``data`` to ``path`` via a synced temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            view = memoryview(data)
-            for i in range(0, len(view), chunk):
-                f.write(view[i: i + chunk])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save(model: nn.Module, path: PathLike, storage: str = "2bit") -> None:
     """Save ``model`` (usually frozen with `tritium.freeze`) to one safetensors file, atomically.
 
     Ternary layers are stored packed: ``storage="2bit"`` (the kernel layout, 2 bits per weight plus row
     padding to a multiple of 4) or ``"base3"`` (1.6 bits per weight, repacked at load). All other
     parameters and buffers are stored in their own dtype. The file is written to a temporary file in the
-    same directory, synced and renamed over ``path``, so an interrupted save leaves any old file intact.
+    same directory, synced and renamed over ``path`` (see `tritium.atomic`: a new file gets the mode a
+    plain ``open`` gives, 0666 less the umask), so an interrupted save leaves any old file intact.
+
+    Raises ValueError, naming the layer or tensor and the reason, and writes nothing if `load` would refuse
+    the file: a ternary layer with a NaN, infinite or non-positive scale (a NaN latent weight) or an
+    invalid packed code, more than `MAX_TENSORS` tensors, a header above `MAX_HEADER_BYTES`, ...
     """
     if storage not in STORAGES:
         raise ValueError(f"storage={storage!r} is not supported; choose one of {STORAGES}")
     from safetensors.torch import save as st_save
 
     tensors, meta = _collect(model, storage)
-    _atomic_write(Path(path), st_save(tensors, metadata=meta))
+    if len(tensors) > MAX_TENSORS:
+        raise ValueError(f"cannot save {os.fspath(path)}: {len(tensors)} tensors, more than the "
+                         f"{MAX_TENSORS} a file may hold (MAX_TENSORS)")
+    blob = st_save(tensors, metadata=meta)
+    where = f"cannot save {os.fspath(path)}"
+    try:
+        (n,) = struct.unpack("<Q", blob[:8])
+        if n > MAX_HEADER_BYTES:
+            raise _fail(where, f"the header would be {n} bytes, more than MAX_HEADER_BYTES ({MAX_HEADER_BYTES})")
+        header = _parse_header(where, blob[8: 8 + n], n, len(blob))
+        for name, rec in header.layers.items():
+            if rec["kind"] == "ternary":
+                _check_ternary(where, name, rec, tensors.__getitem__, repack=False)
+    except TritiumFormatError as e:
+        raise ValueError(f"{e} (the file would not load)") from None
+    atomic.write_bytes(path, blob)
 
 
 # ------------------------------------------------------------------------------------------------- load
@@ -239,6 +273,7 @@ class Header:
     metadata: dict[str, str]
     file_size: int
     offsets: dict[str, int] = field(default_factory=dict)  # file position of each tensor's data
+    model_config: dict | None = None  # the ``model_config`` metadata, parsed
 
     @property
     def version(self) -> int:
@@ -267,75 +302,168 @@ def _fail(path: PathLike, msg: str) -> TritiumFormatError:
     return TritiumFormatError(f"{os.fspath(path)}: {msg}")
 
 
-def _json(path: PathLike, meta: dict, key: str) -> dict:
+def _q(v: object, limit: int = 80) -> str:
+    """``repr(v)``, shortened to about ``limit`` characters (names and values in a file may be huge)."""
+    if isinstance(v, (list, dict)) and len(v) > limit:
+        return f"<{type(v).__name__} of {len(v)} items>"
     try:
-        value = json.loads(meta.get(key, "{}"))
+        r = repr(v)
+    except (RecursionError, ValueError):
+        return f"<{type(v).__name__}>"
+    return r if len(r) <= limit else f"{r[: limit - 15]}... ({len(r)} chars)"
+
+
+def _short(s: str, limit: int = 200) -> str:
+    return s if len(s) <= limit else f"{s[:limit]}... ({len(s)} chars)"
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {_q(dup)}")
+    return d
+
+
+def _parse_int(s: str) -> int:
+    if len(s) > _MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(s)} digits")
+    return int(s)
+
+
+def _loads(path: PathLike, text: str, what: str) -> object:
+    """``json.loads(text)``, refusing more than `MAX_JSON_ITEMS` values, duplicate keys and huge integers."""
+    items = text.count(",") + text.count("{") + text.count("[")
+    if items > MAX_JSON_ITEMS:
+        raise _fail(path, f"{what} holds up to {items} JSON values, more than MAX_JSON_ITEMS ({MAX_JSON_ITEMS})")
+    try:
+        return json.loads(text, object_pairs_hook=_object, parse_int=_parse_int)
     except (ValueError, RecursionError) as e:
-        raise _fail(path, f"metadata {key!r} is not valid JSON ({e})") from None
+        raise _fail(path, f"{what} is not valid JSON ({_short(str(e))})") from None
+
+
+def _json(path: PathLike, meta: dict, key: str) -> dict:
+    value = _loads(path, meta.get(key, "{}"), f"metadata {key!r}")
     if not isinstance(value, dict):
         raise _fail(path, f"metadata {key!r} must be a JSON object")
+    if len(value) > MAX_TENSORS:
+        raise _fail(path, f"metadata {key!r} has {len(value)} entries, more than MAX_TENSORS ({MAX_TENSORS})")
     return value
 
 
 def _int(path: PathLike, where: str, v: object, lo: int = 1, hi: int = MAX_DIM) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise _fail(path, f"{where} = {v!r} must be an integer in [{lo}, {hi}]")
+        raise _fail(path, f"{where} = {_q(v)} must be an integer in [{lo}, {hi}]")
     return v
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _open(path: PathLike):
+    """``path`` opened for binary reading; anything but a regular file is refused without blocking."""
+    flags = os.O_RDONLY
+    for flag in ("O_NONBLOCK", "O_NOCTTY", "O_CLOEXEC", "O_BINARY"):
+        flags |= getattr(os, flag, 0)
+    try:
+        fd = os.open(path, flags)
+    except (OSError, ValueError) as e:
+        raise TritiumFormatError(f"{os.fspath(path)}: cannot read ({e})") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _fail(path, f"cannot read: {_file_kind(mode)}, not a regular file")
+        if getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except OSError as e:
+        os.close(fd)
+        raise TritiumFormatError(f"{os.fspath(path)}: cannot read ({e})") from e
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_header(path: PathLike) -> Header:
     """Read and validate the header of a tritium file without reading its tensors."""
+    with _open(path) as f:
+        return _read_header(path, f)
+
+
+def _read_header(path: PathLike, f) -> Header:
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise _fail(path, "file is too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER_BYTES, size - 8):
-                raise _fail(path, f"header length {n} exceeds the file or the {MAX_HEADER_BYTES} limit")
-            raw = f.read(n)
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, "file is too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise _fail(path, f"header length {n} exceeds the file or MAX_HEADER_BYTES ({MAX_HEADER_BYTES})")
+        raw = f.read(n)
     except OSError as e:
         raise TritiumFormatError(f"{os.fspath(path)}: cannot read ({e})") from e
+    if len(raw) != n:
+        raise _fail(path, "the header is truncated (the file changed while loading?)")
+    return _parse_header(path, raw, n, size)
+
+
+def _parse_header(path: PathLike, raw: bytes, n: int, size: int) -> Header:
+    """The validated `Header` of a file of ``size`` bytes whose ``n``-byte JSON header is ``raw``."""
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _fail(path, f"header is not valid JSON ({e})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    header = _loads(path, text, "header")
+    del text
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _fail(path, "__metadata__ must map strings to strings")
     if meta.get("format") != FORMAT:
-        raise _fail(path, f"not a tritium file (metadata format={meta.get('format')!r})")
+        raise _fail(path, f"not a tritium file (metadata format={_q(meta.get('format'))})")
     version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) < 1:
-        raise _fail(path, f"bad format_version {version!r}")
+    if not (version.isascii() and version.isdigit() and len(version) <= 9) or int(version) < 1:
+        raise _fail(path, f"bad format_version {_q(version)}")
     if int(version) > FORMAT_VERSION:
         raise _fail(path, f"format_version {version} is newer than this tritium reads ({FORMAT_VERSION}); "
                           "upgrade tritium")
+    if len(header) > MAX_TENSORS:
+        raise _fail(path, f"the file holds {len(header)} tensors, more than MAX_TENSORS ({MAX_TENSORS})")
     data_size = size - 8 - n
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     starts: dict[str, int] = {}
     spans = []
     for name, info in header.items():
         if not isinstance(info, dict):
-            raise _fail(path, f"tensor {name!r}: entry is not an object")
+            raise _fail(path, f"tensor {_q(name)}: entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPES:
-            raise _fail(path, f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or len(shape) > 8:
-            raise _fail(path, f"tensor {name!r}: bad shape {shape!r}")
-        shape = tuple(_int(path, f"tensor {name!r} dimension", d, 0) for d in shape)
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise _fail(path, f"tensor {name!r}: bad data_offsets {offsets!r}")
-        a, b = (_int(path, f"tensor {name!r} offset", o, 0, data_size) for o in offsets)
-        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise _fail(path, f"tensor {_q(name)}: unsupported dtype {_q(dtype)}")
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+            raise _fail(path, f"tensor {_q(name)}: bad shape {_q(shape)}")
+        if not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+            raise _fail(path, f"tensor {_q(name)}: dimensions {_q(shape)} must be integers in [0, {MAX_DIM}]")
+        shape = tuple(shape)
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int and 0 <= o <= data_size for o in offsets)):
+            raise _fail(path, f"tensor {_q(name)}: data_offsets {_q(offsets)} must be two integers in "
+                              f"[0, {data_size}]")
+        a, b = offsets
+        itemsize = _DTYPES[dtype].itemsize
+        if math.prod(max(d, 1) for d in shape) > 2**62 // itemsize:
+            raise _fail(path, f"tensor {_q(name)}: shape {list(shape)} is too large")
+        nbytes = math.prod(shape) * itemsize
         if b - a != nbytes:
-            raise _fail(path, f"tensor {name!r}: {b - a} bytes of data for shape {list(shape)} {dtype}")
+            raise _fail(path, f"tensor {_q(name)}: {b - a} bytes of data for shape {list(shape)} {dtype}")
         spans.append((a, b))
         tensors[name] = (dtype, shape)
         starts[name] = 8 + n + a
+    del header
     spans.sort()
     end = 0
     for a, b in spans:
@@ -347,79 +475,114 @@ def read_header(path: PathLike) -> Header:
                           "(truncated or padded file)")
     layers = _json(path, meta, "layers")
     aliases = _json(path, meta, "aliases")
+    owned = set()
     for name, rec in layers.items():
         _check_layer(path, name, rec, tensors)
+        if rec["kind"] == "ternary":
+            prefix = f"{name}." if name else ""
+            owned.update(prefix + t for t in ("weight_packed", "weight_scale", "bias"))
     for alias, target in aliases.items():
-        if not isinstance(target, str) or target not in tensors or alias in tensors:
-            raise _fail(path, f"alias {alias!r} -> {target!r} does not name a stored tensor")
-    return Header(tensors, layers, aliases, meta, size, starts)
+        if not isinstance(target, str) or target not in tensors or target in owned or alias in tensors \
+                or alias in owned:
+            raise _fail(path, f"alias {_q(alias)} -> {_q(target)} does not name a stored tensor")
+    model_config = None
+    if "model_config" in meta:
+        model_config = _loads(path, meta["model_config"], "metadata 'model_config'")
+        if not isinstance(model_config, dict):
+            raise _fail(path, "metadata 'model_config' must be a JSON object")
+    return Header(tensors, layers, aliases, meta, size, starts, model_config)
 
 
 def _check_layer(path: PathLike, name: str, rec: object, tensors: dict) -> None:
     if not isinstance(rec, dict):
-        raise _fail(path, f"layer {name!r}: record is not an object")
+        raise _fail(path, f"layer {_q(name)}: record is not an object")
     kind = rec.get("kind")
     if kind not in ("ternary", "bitlinear", "linear"):
-        raise _fail(path, f"layer {name!r}: unknown kind {kind!r}")
-    k = _int(path, f"layer {name!r} in_features", rec.get("in_features"))
-    n = _int(path, f"layer {name!r} out_features", rec.get("out_features"))
+        raise _fail(path, f"layer {_q(name)}: unknown kind {_q(kind)}")
+    max_k = kernels.MAX_K if kind == "ternary" else MAX_DIM
+    k = _int(path, f"layer {_q(name)} in_features", rec.get("in_features"), 1, max_k)
+    n = _int(path, f"layer {_q(name)} out_features", rec.get("out_features"))
     if not isinstance(rec.get("bias"), bool):
-        raise _fail(path, f"layer {name!r}: bias must be true or false")
+        raise _fail(path, f"layer {_q(name)}: bias must be true or false")
     if kind == "bitlinear":
         if not isinstance(rec.get("config"), dict):
-            raise _fail(path, f"layer {name!r}: config must be a JSON object")
+            raise _fail(path, f"layer {_q(name)}: config must be a JSON object")
         try:
-            BitConfig(**rec["config"])
-        except (TypeError, ValueError) as e:
-            raise _fail(path, f"layer {name!r}: bad config ({e})") from None
+            quant.check_group(BitConfig(**rec["config"]), k)
+        except Exception as e:  # noqa: BLE001 - any failure of the config's own validation
+            raise _fail(path, f"layer {_q(name)}: bad config ({_short(str(e))})") from None
     if kind != "ternary":
         return
-    if "norm" not in rec or rec["norm"] not in NORMS or rec.get("scale") not in ("tensor", "channel"):
-        raise _fail(path, f"layer {name!r}: bad norm {rec.get('norm')!r} or scale {rec.get('scale')!r}")
+    norm, scale = rec.get("norm", ""), rec.get("scale")
+    if not (norm is None or isinstance(norm, str)) or norm not in NORMS or scale not in ("tensor", "channel"):
+        raise _fail(path, f"layer {_q(name)}: bad norm {_q(rec.get('norm'))} or scale {_q(scale)}")
     storage = rec.get("storage")
     if storage not in STORAGES:
-        raise _fail(path, f"layer {name!r}: unknown storage {storage!r}")
+        raise _fail(path, f"layer {_q(name)}: unknown storage {_q(storage)}")
     expect = {
         "weight_packed": ("U8", _packed_shape(storage, n, k)),
-        "weight_scale": ("F32", (n if rec["scale"] == "channel" else 1,)),
+        "weight_scale": ("F32", (n if scale == "channel" else 1,)),
     }
     if rec["bias"]:
         expect["bias"] = ("F32", (n,))
+    elif (f"{name}.bias" if name else "bias") in tensors:
+        raise _fail(path, f"layer {_q(name)}: a bias is stored for a layer without bias")
     for t, want in expect.items():
         key = f"{name}.{t}" if name else t
         if key not in tensors:
-            raise _fail(path, f"layer {name!r}: tensor {key!r} is missing")
+            raise _fail(path, f"layer {_q(name)}: tensor {_q(key)} is missing")
         if tensors[key] != want:
-            raise _fail(path, f"layer {name!r}: tensor {key!r} is {tensors[key][0]} {list(tensors[key][1])}, "
-                              f"expected {want[0]} {list(want[1])}")
+            raise _fail(path, f"layer {_q(name)}: tensor {_q(key)} is {tensors[key][0]} "
+                              f"{list(tensors[key][1])}, expected {want[0]} {list(want[1])}")
 
 
-def _ternary_module(path: PathLike, name: str, rec: dict, get) -> TernaryLinear:
+def _check_ternary(path: PathLike, name: str, rec: dict, get: Callable[[str], Tensor],
+                   repack: bool = True) -> tuple[Tensor, Tensor]:
+    """The kernel-layout packed weight (the stored one unless ``repack``) and the scale of ternary layer
+    ``name``; raises on invalid codes or padding and on scales that are not finite and positive."""
     n, k = rec["out_features"], rec["in_features"]
     prefix = f"{name}." if name else ""
-    q = unpack_stored(f"{os.fspath(path)}: layer {name!r}", rec["storage"], get(prefix + "weight_packed"), n, k)
-    packed = kernels.pack(q)
+    p = get(prefix + "weight_packed")
+    where = f"{os.fspath(path)}: layer {_q(name)}"
+    if rec["storage"] == "2bit":  # the kernel layout: check it in place
+        _check_2bit(where, p, k)
+        packed = p.contiguous()
+    else:
+        q = unpack_stored(where, rec["storage"], p, n, k)
+        packed = kernels.pack(q).contiguous() if repack else p
     scale = get(prefix + "weight_scale")
-    if not (torch.isfinite(scale).all() and scale.gt(0).all()):
-        raise _fail(path, f"layer {name!r}: weight scale must be finite and positive")
-    m = TernaryLinear(k, n, rec["bias"], rec["norm"], rec["scale"] == "channel", device="meta")
-    m.weight_packed, m.weight_scale = packed.contiguous(), scale
+    if not scale.gt(0).logical_and_(scale.lt(math.inf)).all():
+        raise _fail(path, f"layer {_q(name)}: weight scale must be finite and positive (NaN or infinite "
+                          "weights?)")
+    return packed, scale
+
+
+def _ternary_module(path: PathLike, name: str, rec: dict, get: Callable[[str], Tensor]) -> TernaryLinear:
+    packed, scale = _check_ternary(path, name, rec, get)
+    m = TernaryLinear(rec["in_features"], rec["out_features"], rec["bias"], rec["norm"], rec["scale"] == "channel",
+                      device="meta")
+    m.weight_packed, m.weight_scale = packed, scale
     if rec["bias"]:
-        m.bias = get(prefix + "bias")
+        m.bias = get(f"{name}.bias" if name else "bias")
     return m
 
 
-def _reader(path: PathLike, header: Header, f):
+def _reader(path: PathLike, header: Header, f) -> Callable[[str], Tensor]:
     """``get(key)``: the tensor ``key`` read from the open file ``f`` into fresh memory (no mmap)."""
 
     def get(key: str) -> Tensor:
         dtype, shape = header.tensors[key]
-        buf = torch.empty(math.prod(shape) * _DTYPES[dtype].itemsize, dtype=torch.uint8)
-        f.seek(header.offsets[key])
-        if buf.numel() and f.readinto(buf.numpy()) != buf.numel():
-            raise _fail(path, f"tensor {key!r} is truncated (the file changed while loading?)")
-        t = buf.ne(0) if dtype == "BOOL" else buf.view(_DTYPES[dtype])
-        return t.reshape(shape)
+        t = torch.empty(shape, dtype=torch.uint8 if dtype == "BOOL" else _DTYPES[dtype])
+        if t.numel():
+            buf = t.view(-1).view(torch.uint8)
+            try:
+                f.seek(header.offsets[key])
+                got = f.readinto(buf.numpy())
+            except OSError as e:
+                raise _fail(path, f"cannot read tensor {_q(key)} ({e})") from e
+            if got != buf.numel():
+                raise _fail(path, f"tensor {_q(key)} is truncated (the file changed while loading?)")
+        return t.ne(0) if dtype == "BOOL" else t
 
     return get
 
@@ -431,19 +594,18 @@ def load(path: PathLike, model: nn.Module | None = None) -> nn.Module | Checkpoi
     every layer the file stores as ternary is replaced by a `TernaryLinear` (the skeleton may hold
     `nn.Linear`, `BitLinear` or `TernaryLinear` there), layers stored as `BitLinear` become `BitLinear`,
     and every other parameter and buffer is replaced by the stored tensor (keeping the file's dtype), so
-    no float weight is ever materialized for a ternary layer. Tied tensors are re-tied. Returns the model.
-    Raises `TritiumFormatError` if the file names a module or tensor the skeleton lacks, a shape
-    differs, or a parameter or buffer of the skeleton is not in the file.
+    no float weight is ever materialized for a ternary layer. Tied tensors are re-tied. Returns the model
+    in eval mode (``model.eval()``: dropout off), as transformers' ``from_pretrained`` does; call
+    ``.train()`` to fine-tune it. Raises `TritiumFormatError` if the file names a module or tensor the
+    skeleton lacks, a shape differs, or a parameter or buffer of the skeleton is not in the file.
 
     Without ``model``: returns a `Checkpoint` with the frozen layers as modules, the other tensors,
     the layer records and, if stored, the transformers class name and config (to build a skeleton from).
+
+    Any malformed file, and anything that is not a regular file, raises `TritiumFormatError`.
     """
-    header = read_header(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise TritiumFormatError(f"{os.fspath(path)}: cannot read ({e})") from e
-    with f:
+    with _open(path) as f:
+        header = _read_header(path, f)
         get = _reader(path, header, f)
         owned = set()
         modules: dict[str, TernaryLinear] = {}
@@ -455,37 +617,45 @@ def load(path: PathLike, model: nn.Module | None = None) -> nn.Module | Checkpoi
         tensors = {k: get(k) for k in header.tensors if k not in owned}
     tensors.update({alias: tensors[target] for alias, target in header.aliases.items()})
     if model is None:
-        cfg = header.metadata.get("model_config")
-        try:
-            model_config = json.loads(cfg) if cfg else None
-        except ValueError:
-            raise _fail(path, "metadata 'model_config' is not valid JSON") from None
-        return Checkpoint(modules, tensors, header.layers, header.metadata.get("model_class"), model_config)
-    return _into(path, model, header, modules, tensors)
+        return Checkpoint(modules, tensors, header.layers, header.metadata.get("model_class"), header.model_config)
+    return _into(path, model, header, modules, tensors).eval()
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The registered submodule ``name`` of ``model`` (``""``: the model itself), or None."""
+    mod: nn.Module | None = model
+    for atom in name.split(".") if name else ():
+        mod = mod._modules.get(atom) if isinstance(mod, nn.Module) else None
+    return mod if isinstance(mod, nn.Module) else None
 
 
 def _resolve(path: PathLike, model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
     """(parent, attribute, module) of the submodule ``name``."""
     parent_name, _, attr = name.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_name)
-        child = parent.get_submodule(attr)
-    except AttributeError:
-        raise _fail(path, f"the model has no module {name!r}") from None
+    parent = _submodule(model, parent_name)
+    child = _submodule(parent, attr) if parent is not None and attr else None
+    if parent is None or child is None:
+        raise _fail(path, f"the model has no module {_q(name)}")
     return parent, attr, child
 
 
+def _is_pyg_linear(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear" and type(module).__module__.startswith("torch_geometric.")
+
+
 def _check_linear(path: PathLike, name: str, child: nn.Module, rec: dict) -> None:
-    if isinstance(child, TernaryLinear):
+    if isinstance(child, (TernaryLinear, BitLinear)):
         shape = (child.out_features, child.in_features)
     elif isinstance(child, nn.Linear):
         shape = tuple(child.weight.shape)
     elif type(child).__name__ == "Conv1D":
         shape = tuple(child.weight.shape)[::-1]
+    elif _is_pyg_linear(child):
+        shape = (child.out_channels, child.in_channels)
     else:
-        raise _fail(path, f"module {name!r} is a {type(child).__name__}, the file stores a linear layer")
+        raise _fail(path, f"module {_q(name)} is a {type(child).__name__}, the file stores a linear layer")
     if shape != (rec["out_features"], rec["in_features"]):
-        raise _fail(path, f"module {name!r} has shape {shape}, the file stores "
+        raise _fail(path, f"module {_q(name)} has shape {shape}, the file stores "
                           f"({rec['out_features']}, {rec['in_features']})")
 
 
@@ -498,26 +668,29 @@ def _into(path: PathLike, model: nn.Module, header: Header, modules: dict, tenso
         parent, attr, child = _resolve(path, model, name)
         _check_linear(path, name, child, rec)
         if rec["kind"] == "ternary":
+            weight = getattr(child, "weight", None)  # the frozen layer reports the skeleton's weight dtype
+            if isinstance(weight, (Tensor, FrozenWeight)) and weight.dtype.is_floating_point:
+                modules[name]._weight_dtype = weight.dtype
             setattr(parent, attr, modules[name])
         elif not isinstance(child, BitLinear) or child.config != BitConfig(**rec["config"]):
-            new = BitLinear(rec["in_features"], rec["out_features"], rec["bias"],
-                            BitConfig(**rec["config"]), device="meta")
+            conv1d = isinstance(child, BitConv1D) or type(child).__name__ == "Conv1D"  # (in, out) weight
+            new = (BitConv1D if conv1d else BitLinear)(rec["in_features"], rec["out_features"], rec["bias"],
+                                                       BitConfig(**rec["config"]), device="meta")
             setattr(parent, attr, new)
     params: dict[int, nn.Parameter] = {}
     for key, t in tensors.items():
         mod_name, _, attr = key.rpartition(".")
-        try:
-            mod = model.get_submodule(mod_name)
-        except AttributeError:
-            raise _fail(path, f"the model has no module {mod_name!r} for tensor {key!r}") from None
+        mod = _submodule(model, mod_name)
+        if mod is None:
+            raise _fail(path, f"the model has no module {_q(mod_name)} for tensor {_q(key)}")
         if attr in mod._parameters and mod._parameters[attr] is not None:
             old = mod._parameters[attr]
         elif attr in mod._buffers and mod._buffers[attr] is not None:
             old = mod._buffers[attr]
         else:
-            raise _fail(path, f"tensor {key!r} is not a parameter or buffer of the model")
+            raise _fail(path, f"tensor {_q(key)} is not a parameter or buffer of the model")
         if tuple(old.shape) != tuple(t.shape):
-            raise _fail(path, f"tensor {key!r} has shape {list(t.shape)}, the model has {list(old.shape)}")
+            raise _fail(path, f"tensor {_q(key)} has shape {list(t.shape)}, the model has {list(old.shape)}")
         if attr in mod._parameters:
             if id(t) not in params:
                 params[id(t)] = nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point())
@@ -620,14 +793,23 @@ def _fmt_count(x: float) -> str:
     return f"{x:g}"
 
 
+def _printable(s: object) -> str:
+    """``s`` with every non-printable character escaped (names in a file must not drive the terminal)."""
+    s = str(s)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in s)
+
+
 def format_info(d: dict) -> str:
-    """The human-readable table of `describe`."""
-    out = [f"{d['file']}: tritium format v{d['format_version']}, {d['file_bytes']:,} bytes"
-           + (f", {d['model_class']}" if d["model_class"] else "")]
+    """The human-readable table of `describe` (non-printable characters of names escaped)."""
+    out = [f"{_printable(d['file'])}: tritium format v{d['format_version']}, {d['file_bytes']:,} bytes"
+           + (f", {_printable(d['model_class'])}" if d["model_class"] else "")]
     out.append(f"{'name':<48} {'shape':>16} {'format':<14} {'bytes':>13} {'bits/w':>7}")
     for r in d["layers"]:
         shape = "x".join(map(str, r["shape"])) or "scalar"
-        out.append(f"{r['name'][-48:]:<48} {shape:>16} {r['format']:<14} {r['bytes']:>13,} "
+        out.append(f"{_printable(r['name'])[-48:]:<48} {shape:>16} {r['format']:<14} {r['bytes']:>13,} "
                    f"{r['bits_per_weight']:>7.2f}")
     t = d["totals"]
     out.append(f"ternary: {t['ternary_weights']:,} weights in {t['ternary_bytes']:,} bytes "
@@ -657,17 +839,22 @@ def format_info(d: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a file written by tritium.save")
-    parser.add_argument("--json", metavar="PATH", help="also write the description as JSON to PATH")
+    parser.add_argument("file", type=existing_file, help="a file written by tritium.save")
+    parser.add_argument("--json", metavar="PATH", type=output_file,
+                        help="also write the description as JSON to PATH")
 
 
 def run(args: argparse.Namespace) -> int:
+    """``tritium info``: a file that is not a valid tritium file is a usage error (one line, exit 2)."""
     try:
         d = describe(args.file)
     except TritiumFormatError as e:
-        print(f"error: {e}")
-        return 1
+        raise UsageError(_printable(e)) from None
     print(format_info(d))
     if args.json:
-        Path(args.json).write_text(json.dumps(d, indent=2) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(args.json, json.dumps(d, indent=2) + "\n")
+        except OSError as e:
+            raise UsageError(f"--json: cannot write {_printable(args.json)} ({e})") from None
     return 0

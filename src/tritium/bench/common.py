@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 import weakref
 from collections.abc import Callable
@@ -15,6 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
+
+from .. import atomic
 
 
 def time_median(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> tuple[float, list[float]]:
@@ -109,16 +110,7 @@ def machine_info() -> dict:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (temp file in the same directory, then rename)."""
+    """Write ``data`` as JSON atomically (see `tritium.atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, json.dumps(data, indent=2))

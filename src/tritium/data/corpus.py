@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import atomic
+
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]")
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -123,9 +125,7 @@ def encode(tokenizer, text: str) -> np.ndarray:
 
 
 def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic.write_with(path, write)
 
 
 def load_corpus(
