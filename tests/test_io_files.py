@@ -1,9 +1,7 @@
 """Files that cannot hurt: size caps, non-regular files, modes, what `save` refuses, eval mode at load."""
 
-import contextlib
 import json
 import os
-import signal
 import stat
 import struct
 
@@ -14,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tritium
+from helpers import deadline
 from tritium import freeze, load, quantize, save
 from tritium.cli import main as cli_main
 from tritium.io import (
@@ -55,22 +54,6 @@ def _refused(path, match):
         with pytest.raises(TritiumFormatError, match=match):
             fn(path)
     assert cli_main(["info", str(path)]) == 2
-
-
-@contextlib.contextmanager
-def _deadline(seconds):
-    """Fail instead of hanging: raise TimeoutError if the block runs longer than ``seconds``."""
-
-    def boom(*_):
-        raise TimeoutError(f"blocked for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # -------------------------------------------------------------------------------------------------- caps
@@ -164,7 +147,7 @@ def test_hostile_names_are_escaped_by_info(tmp_path, capsys):
 def test_fifo_folder_and_device_are_refused_without_blocking(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    with _deadline(20):
+    with deadline(20):
         _refused(fifo, f"{fifo}: cannot read: a FIFO, not a regular file")
         _refused(tmp_path, "a folder, not a regular file")
         if os.path.exists("/dev/zero"):

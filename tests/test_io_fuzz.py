@@ -12,7 +12,6 @@ import contextlib
 import io as stdio
 import json
 import os
-import signal
 import struct
 import warnings
 
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from helpers import deadline
 from tritium import freeze, load, quantize, save
 from tritium.cli import main as cli_main
 from tritium.io import Checkpoint, TritiumFormatError, describe, read_header
@@ -82,24 +82,10 @@ def target(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz-target") / "file.safetensors"
 
 
-@contextlib.contextmanager
-def _deadline(seconds):
-    def boom(*_):
-        raise TimeoutError(f"a reader ran for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _check(path, raw):
     """Every reader succeeds or raises TritiumFormatError on ``raw`` (written to ``path``)."""
     path.write_bytes(raw)
-    with _deadline(20), contextlib.redirect_stdout(stdio.StringIO()):
+    with deadline(20), contextlib.redirect_stdout(stdio.StringIO()):
         for fn in (read_header, describe, load, lambda p: load(p, _skeleton())):
             try:
                 fn(path)

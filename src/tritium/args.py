@@ -51,60 +51,28 @@ def _number(value: object, kind: type) -> int | float:
     return number
 
 
-def positive_int(value: object) -> int:
-    """An integer >= 1."""
-    n = _number(value, int)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {_show(value)}")
-    return n
+def _ranged(kind: type, ok: Callable[[float], bool], expected: str, doc: str) -> Callable[[object], Any]:
+    """An argument type: a ``kind`` number (see `_number`) for which ``ok`` holds."""
+
+    def parse(value: object) -> Any:
+        x = _number(value, kind)
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {_show(value)}")
+        return x
+
+    parse.__doc__ = doc
+    return parse
 
 
-def nonnegative_int(value: object) -> int:
-    """An integer >= 0."""
-    n = _number(value, int)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {_show(value)}")
-    return n
-
-
-def positive_float(value: object) -> float:
-    """A finite number > 0."""
-    x = _number(value, float)
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {_show(value)}")
-    return x
-
-
-def nonnegative_float(value: object) -> float:
-    """A finite number >= 0."""
-    x = _number(value, float)
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {_show(value)}")
-    return x
-
-
-def fraction(value: object) -> float:
-    """A number strictly between 0 and 1."""
-    x = _number(value, float)
-    if not 0 < x < 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {_show(value)}")
-    return x
-
-
-def unit_interval(value: object) -> float:
-    """A number from 0 to 1 inclusive."""
-    x = _number(value, float)
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {_show(value)}")
-    return x
-
-
-def probability(value: object) -> float:
-    """A probability usable for dropout: 0 <= p < 1."""
-    x = _number(value, float)
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"expected a probability >= 0 and < 1, got {_show(value)}")
-    return x
+positive_int = _ranged(int, lambda n: n >= 1, "a positive integer", "An integer >= 1.")
+nonnegative_int = _ranged(int, lambda n: n >= 0, "an integer >= 0", "An integer >= 0.")
+positive_float = _ranged(float, lambda x: x > 0, "a number > 0", "A finite number > 0.")
+nonnegative_float = _ranged(float, lambda x: x >= 0, "a number >= 0", "A finite number >= 0.")
+fraction = _ranged(float, lambda x: 0 < x < 1, "a number between 0 and 1 (exclusive)",
+                   "A number strictly between 0 and 1.")
+unit_interval = _ranged(float, lambda x: 0 <= x <= 1, "a number from 0 to 1", "A number from 0 to 1 inclusive.")
+probability = _ranged(float, lambda x: 0 <= x < 1, "a probability >= 0 and < 1",
+                      "A probability usable for dropout: 0 <= p < 1.")
 
 
 def boolean(value: object) -> bool:
