@@ -1,11 +1,15 @@
 """tritium: 1.58-bit neural networks in PyTorch.
 
 Train with ternary weights (`quantize` any model, then train as usual), freeze into packed 2-bit
-weights, and serve with fast CPU kernels (`freeze`, `save`, `load`).
+weights, and serve with fast CPU kernels (`freeze`, `save`, `load`); generate text with a saved
+transformers model (`load_pretrained`, `generate`); export a ternary Llama-family decoder to GGUF for
+llama.cpp (`export`).
 """
 
 from .config import BitConfig, Precision, format_spec, parse_precision, parse_spec
 from .convert import LambdaWarmup, freeze, ptq, quantize, set_lambda, summary
+from .formats import export
+from .generation import generate, load_pretrained
 from .io import load, save
 from .nn import BitLinear, TernaryLinear
 
@@ -17,9 +21,12 @@ __all__ = [
     "LambdaWarmup",
     "Precision",
     "TernaryLinear",
+    "export",
     "format_spec",
     "freeze",
+    "generate",
     "load",
+    "load_pretrained",
     "parse_precision",
     "parse_spec",
     "ptq",

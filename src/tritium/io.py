@@ -8,8 +8,8 @@ per byte (`pack_base3`, 1.6 bits per weight). Both are converted to the kernels'
 Every other parameter and buffer (non-persistent buffers included) is stored as is under its qualified
 name; tied tensors are stored once. The safetensors metadata holds ``format`` ("tritium"),
 ``format_version``, ``layers`` (JSON: per layer its kind, shape, norm, scale granularity, storage and
-`BitConfig`), ``aliases`` (JSON: tied name -> stored name) and, for transformers models, ``model_class``
-and ``model_config``.
+`BitConfig`), ``aliases`` (JSON: tied name -> stored name), for transformers models ``model_class`` and
+``model_config``, and, when saved with one, ``tokenizer`` (a Hugging Face ``tokenizers`` JSON).
 
 Loading never unpickles: `load` validates the whole header first, then reads each tensor's bytes into
 fresh memory (no memory map, so loading a file costs no more than its tensors). Any malformed, truncated
@@ -224,7 +224,21 @@ def _collect(model: nn.Module, storage: str) -> tuple[dict[str, Tensor], dict[st
     return tensors, meta
 
 
-def save(model: nn.Module, path: PathLike, storage: str = "2bit") -> None:
+def tokenizer_json(tokenizer: object) -> str:
+    """The JSON of a Hugging Face ``tokenizers.Tokenizer`` or of a transformers fast tokenizer (its backend
+    tokenizer); TypeError for anything else."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    to_str = getattr(backend, "to_str", None)
+    if not callable(to_str):
+        raise TypeError(f"tokenizer must be a tokenizers.Tokenizer or a transformers fast tokenizer, "
+                        f"not {type(tokenizer).__name__}")
+    text = to_str()
+    if not isinstance(text, str):
+        raise TypeError(f"{type(tokenizer).__name__}.to_str() returned {type(text).__name__}, not a JSON string")
+    return text
+
+
+def save(model: nn.Module, path: PathLike, storage: str = "2bit", tokenizer: object | None = None) -> None:
     """Save ``model`` (usually frozen with `tritium.freeze`) to one safetensors file, atomically.
 
     Ternary layers are stored packed: ``storage="2bit"`` (the kernel layout, 2 bits per weight plus row
@@ -232,6 +246,9 @@ def save(model: nn.Module, path: PathLike, storage: str = "2bit") -> None:
     parameters and buffers are stored in their own dtype. The file is written to a temporary file in the
     same directory, synced and renamed over ``path`` (see `tritium.atomic`: a new file gets the mode a
     plain ``open`` gives, 0666 less the umask), so an interrupted save leaves any old file intact.
+
+    ``tokenizer`` (a ``tokenizers.Tokenizer`` or a transformers fast tokenizer) is stored as JSON in the
+    metadata; `load_tokenizer` reads it back and ``tritium generate`` uses it.
 
     Raises ValueError, naming the layer or tensor and the reason, and writes nothing if `load` would refuse
     the file: a ternary layer with a NaN, infinite or non-positive scale (a NaN latent weight) or an
@@ -242,6 +259,8 @@ def save(model: nn.Module, path: PathLike, storage: str = "2bit") -> None:
     from safetensors.torch import save as st_save
 
     tensors, meta = _collect(model, storage)
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer_json(tokenizer)
     if len(tensors) > MAX_TENSORS:
         raise ValueError(f"cannot save {os.fspath(path)}: {len(tensors)} tensors, more than the "
                          f"{MAX_TENSORS} a file may hold (MAX_TENSORS)")
@@ -490,6 +509,11 @@ def _parse_header(path: PathLike, raw: bytes, n: int, size: int) -> Header:
         model_config = _loads(path, meta["model_config"], "metadata 'model_config'")
         if not isinstance(model_config, dict):
             raise _fail(path, "metadata 'model_config' must be a JSON object")
+    if "tokenizer" in meta:
+        tok = _loads(path, meta["tokenizer"], "metadata 'tokenizer'")
+        if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
+            raise _fail(path, "metadata 'tokenizer' must be a tokenizer JSON object with a 'model' object")
+        del tok
     return Header(tensors, layers, aliases, meta, size, starts, model_config)
 
 
@@ -619,6 +643,29 @@ def load(path: PathLike, model: nn.Module | None = None) -> nn.Module | Checkpoi
     if model is None:
         return Checkpoint(modules, tensors, header.layers, header.metadata.get("model_class"), header.model_config)
     return _into(path, model, header, modules, tensors).eval()
+
+
+def load_tokenizer(path: PathLike, header: Header | None = None):
+    """The ``tokenizers.Tokenizer`` stored in a file by ``save(..., tokenizer=...)``, or None if it has none.
+
+    ``header`` (the file's `read_header`) saves reading the header again. A stored tokenizer that
+    ``tokenizers`` cannot build raises `TritiumFormatError`; ImportError if ``tokenizers`` is not installed.
+    """
+    header = read_header(path) if header is None else header
+    text = header.metadata.get("tokenizer")
+    if text is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ImportError("reading the tokenizer stored in a tritium file needs the tokenizers package "
+                          "(pip install tokenizers)") from e
+    try:
+        return Tokenizer.from_str(text)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a Rust panic in tokenizers derives from BaseException
+        raise _fail(path, f"metadata 'tokenizer' is not a valid tokenizer ({_short(str(e))})") from None
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -777,7 +824,9 @@ def describe(path: PathLike) -> dict:
     }
     return {
         "file": os.fspath(path), "file_bytes": h.file_size, "format_version": h.version,
-        "model_class": h.metadata.get("model_class"), "layers": rows,
+        "model_class": h.metadata.get("model_class"),
+        "tokenizer_bytes": len(h.metadata["tokenizer"].encode()) if "tokenizer" in h.metadata else None,
+        "layers": rows,
         "totals": {"ternary_weights": ternary_weights, "ternary_bytes": ternary_bytes,
                    "ternary_bits_per_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0,
                    "fp_params": fp_params, "fp_bytes": fp_bytes},
@@ -805,7 +854,8 @@ def _printable(s: object) -> str:
 def format_info(d: dict) -> str:
     """The human-readable table of `describe` (non-printable characters of names escaped)."""
     out = [f"{_printable(d['file'])}: tritium format v{d['format_version']}, {d['file_bytes']:,} bytes"
-           + (f", {_printable(d['model_class'])}" if d["model_class"] else "")]
+           + (f", {_printable(d['model_class'])}" if d["model_class"] else "")
+           + (f", tokenizer stored ({d['tokenizer_bytes']:,} bytes of JSON)" if d.get("tokenizer_bytes") else "")]
     out.append(f"{'name':<48} {'shape':>16} {'format':<14} {'bytes':>13} {'bits/w':>7}")
     for r in d["layers"]:
         shape = "x".join(map(str, r["shape"])) or "scalar"

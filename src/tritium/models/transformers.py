@@ -2,7 +2,8 @@
 
 Every model has ``hidden`` as its model width, ``hidden // head_dim`` attention heads, a feed-forward
 size of ``4 * hidden`` and ``layers`` blocks (T5: ``layers`` encoder and ``layers`` decoder blocks).
-Input embeddings and output heads are tied, as in the original models.
+Input embeddings and output heads are tied, as in the original models. `from_config` rebuilds a saved
+file's model from its stored class name (one of `MODEL_CLASSES`) and config.
 """
 
 from __future__ import annotations
@@ -69,3 +70,65 @@ def quantize_excludes(arch: str, quantize_heads: bool = False, exclude: list[str
     if arch not in HEADS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
     return ([] if quantize_heads else list(HEADS[arch])) + list(exclude or [])
+
+
+#: The transformers model classes a saved file may name as its ``model_class`` to be rebuilt from its stored
+#: config (`from_config`); each is looked up by name in ``transformers``, nothing else is ever imported.
+MODEL_CLASSES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
+    "GPT2LMHeadModel", "GPTNeoXForCausalLM", "GPTJForCausalLM", "OPTForCausalLM", "OlmoForCausalLM",
+    "Olmo2ForCausalLM", "GraniteForCausalLM", "StableLmForCausalLM", "SmolLM3ForCausalLM", "BitNetForCausalLM",
+    "T5ForConditionalGeneration", "BertForMaskedLM",
+)
+#: Config keys dropped before a stored config is built: they select code paths (attention kernels fetched
+#: from the Hub, remote code, quantization back-ends) rather than describe the architecture.
+_DROPPED_KEYS = ("auto_map", "attn_implementation", "experts_implementation", "quantization_config",
+                 "kernel_config", "name_or_path")
+
+
+def _counts(d: object, key: str = ""):
+    """(key, value) of every integer whose key names a count of layers or experts, nested configs included."""
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _counts(v, str(k))
+    elif isinstance(d, int) and not isinstance(d, bool):
+        k = key.lower()
+        if k.endswith(("layers", "layer", "experts")):
+            yield key, d
+
+
+def from_config(model_class: str, model_config: dict, max_blocks: int | None = None, device: str = "meta"):
+    """A ``model_class`` model (one of `MODEL_CLASSES`) built from a config dict on ``device`` (meta: no
+    memory for its weights).
+
+    ``max_blocks`` bounds every layer or expert count of the config (a file's number of stored tensors:
+    each block stores at least one), so that a hostile config cannot make building the skeleton take
+    unbounded time. Raises ValueError for a class outside the allow-list or a config it rejects.
+    """
+    import torch
+    import transformers
+
+    if model_class not in MODEL_CLASSES:
+        raise ValueError(f"model class {model_class!r} is not one tritium rebuilds from a stored config; "
+                         f"supported: {', '.join(MODEL_CLASSES)}")
+    cls = getattr(transformers, model_class, None)
+    if cls is None:
+        raise ValueError(f"model class {model_class!r} is not in the installed transformers "
+                         f"{transformers.__version__}; upgrade transformers")
+    config_class = cls.config_class
+    model_type = model_config.get("model_type")
+    if model_type is not None and model_type != config_class.model_type:
+        raise ValueError(f"model_config has model_type {model_type!r}, {model_class} expects "
+                         f"{config_class.model_type!r}")
+    for key, n in _counts(model_config):
+        if n < 0 or (max_blocks is not None and n > max_blocks):
+            raise ValueError(f"model_config {key} = {n} does not fit the file ({max_blocks} stored tensors)")
+    config = {k: v for k, v in model_config.items() if not k.startswith("_") and k not in _DROPPED_KEYS}
+    try:
+        cfg = config_class.from_dict(config)
+        with torch.device(device):
+            return cls(cfg)
+    except Exception as e:  # any failure of transformers' own config or model checks
+        reason = " ".join(str(e).split())[:300]
+        raise ValueError(f"cannot build {model_class} from the stored config: {reason}") from None

@@ -1,0 +1,77 @@
+"""Export to other inference formats: `export` and ``tritium export FILE OUT`` (GGUF for llama.cpp).
+
+See `tritium.formats.gguf` for the models that map onto llama.cpp's graph (quantize with
+`tritium.formats.gguf.PRESET`) and what differs numerically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from torch import nn
+
+from ..args import UsageError, existing_file, output_file
+
+FORMATS = ("gguf",)
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "gguf",
+    qtype: str = "tq2_0",
+    tokenizer: object | None = None,
+    float_type: str = "f32",
+) -> None:
+    """Write ``model`` to ``path`` in another inference format, atomically.
+
+    ``format="gguf"`` (the only one) writes a ternary Llama, Mistral or Qwen2 decoder for llama.cpp with its
+    linear layers in ``qtype`` ``"tq2_0"`` or ``"tq1_0"`` and the embedding and a full-precision head in
+    ``float_type`` ``"f32"`` or ``"f16"``, plus ``tokenizer`` (byte-level BPE) when given; see
+    `tritium.formats.gguf` for the models that map (quantize with `tritium.formats.gguf.PRESET`) and what
+    differs numerically. Raises `tritium.formats.gguf.GGUFExportError` (a ValueError, one line saying why)
+    for anything that does not map, ImportError without the ``gguf`` package.
+    """
+    from .gguf import GGUFExportError, export_gguf
+
+    if str(format).lower() not in FORMATS:
+        raise GGUFExportError(f"format={format!r} is not supported; choose one of {', '.join(FORMATS)}")
+    export_gguf(model, path, qtype=qtype, tokenizer=tokenizer, float_type=float_type)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .gguf import FLOAT_TYPES, QTYPES
+
+    parser.add_argument("file", type=existing_file,
+                        help="a file written by tritium.save from a transformers model (its tokenizer is exported too)")
+    parser.add_argument("out", type=output_file, help="the file to write (replaced atomically)")
+    parser.add_argument("--format", choices=FORMATS, default="gguf", help="output format (default gguf)")
+    parser.add_argument("--qtype", choices=QTYPES, default="tq2_0",
+                        help="llama.cpp type of the ternary layers (default tq2_0; tq1_0 is smaller)")
+    parser.add_argument("--float-type", choices=FLOAT_TYPES, default="f32",
+                        help="type of the embedding and a full-precision head (default f32; norms stay f32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``tritium export``: a bad file or a model that does not map is a usage error (one line, exit 2)."""
+    from ..generation import load_pretrained
+    from ..io import TritiumFormatError, _printable
+    from .gguf import GGUFExportError
+
+    try:
+        model, tokenizer = load_pretrained(args.file)
+    except TritiumFormatError as e:
+        raise UsageError(_printable(e)) from None
+    try:
+        export(model, args.out, format=args.format, qtype=args.qtype, tokenizer=tokenizer,
+               float_type=args.float_type)
+    except GGUFExportError as e:
+        raise UsageError(f"{_printable(args.file)}: {e}") from None
+    size = os.path.getsize(args.out)
+    print(f"wrote {args.out} ({size / 2**20:.2f} MiB, {args.format} {args.qtype}, "
+          f"{'with' if tokenizer is not None else 'without'} tokenizer)")
+    return 0
+
+
+__all__ = ["FORMATS", "export"]

@@ -1,0 +1,418 @@
+"""GGUF export of ternary Llama-family decoders for llama.cpp, in its TQ2_0 or TQ1_0 types.
+
+`export_gguf` writes a transformers ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``
+whose linear layers are ternary (`BitLinear` during training or `TernaryLinear` after `tritium.freeze`) as
+one GGUF file: the seven linear layers of every block in ``TQ2_0`` (2 bits per weight plus one fp16 scale
+per 256 weights, 2.06 bits) or ``TQ1_0`` (base-3, 1.69 bits); the token embedding, the norms and a
+full-precision output head in F32 (or F16 for the embedding and head). Tensor names, metadata keys and the
+packing are those of the ``gguf`` package (the llama.cpp project's own writer and quantizers), mapped as
+llama.cpp's ``convert_hf_to_gguf.py`` maps them, including its row permutation of the query and key
+weights for the ``llama`` graph's rotary layout.
+
+**Which models map onto llama.cpp's graph.** llama.cpp's Llama graph multiplies each linear layer's input
+as it is: it has no place for `BitLinear`'s parameter-free input norm. A model maps when every linear layer
+in the blocks is ternary with ``norm=None`` (the model's own RMSNorms already feed q/k/v and gate/up),
+8-bit activations, a per-tensor or per-channel scale (a TQ block lies inside one row, so each block
+stores its row's scale) and a finished warm-up (``lambda_ = 1``). `PRESET` is that config;
+``tritium.quantize(model, PRESET)`` makes a model exportable from the start, and the default exclusion
+keeps ``lm_head`` in full precision (a head quantized with the same config, ``exclude=[]``, is written in the
+TQ type too). The input width of every linear layer must be a multiple of 256 (the TQ block). Anything
+else (another norm, group scales, 1/2/4-bit or float layers in the blocks, rope scaling, sliding-window
+layers of Qwen2, other architectures) is refused with one line saying why (`GGUFExportError`).
+
+**What differs numerically** between the exported model in llama.cpp and the same model in tritium:
+
+* Activations: tritium quantizes each token's input to a layer with one absmax scale per token
+  (``s_x = absmax / 127``); llama.cpp quantizes to Q8_K, one absmax scale per block of 256 values of a
+  token (the same formula, ``[-127, 127]``, round half to even). Where a layer's input is 256 wide the two
+  agree up to the last bit of the scale; wider inputs get finer (per-block) scales in llama.cpp.
+* Weight scale: tritium keeps a float32 scale per tensor (or channel); TQ2_0/TQ1_0 store it once per 256
+  weights as fp16, a relative rounding of at most 2^-11 (0.05%) that scales the layer's output. Scales
+  outside fp16's normal range are refused.
+* Everything else runs in llama.cpp's own float32 kernels (RMSNorm, rotary embedding, softmax), with its
+  KV cache in F16 by default (``type_k``/``type_v`` select F32), and in the F16 option the embedding and
+  head are rounded to fp16.
+* A Mistral model's sliding window is not part of llama.cpp's ``llama`` graph: the file's context length
+  is capped at the window, within which full and sliding-window attention agree.
+
+The tokenizer, when given (a Hugging Face ``tokenizers.Tokenizer`` or a transformers fast tokenizer), is
+written as llama.cpp's ``gpt2`` BPE vocabulary (byte-level BPE with the GPT-2 pre-tokenizer): tokens,
+merges, token types (special added tokens as control tokens) and the model config's BOS/EOS ids. Other
+tokenizers are refused; without one the file has no vocabulary (``tokenizer.ggml.model = "none"``) and
+llama.cpp runs it on token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import atomic, kernels
+from ..config import BitConfig
+from ..nn import BitLinear, TernaryLinear
+
+#: The `BitConfig` whose layers map onto llama.cpp's graph: ternary, absmedian per tensor, 8-bit
+#: activations, no input norm. Use ``tritium.quantize(model, PRESET)``.
+PRESET = BitConfig(norm=None)
+QTYPES = ("tq2_0", "tq1_0")
+FLOAT_TYPES = ("f32", "f16")
+#: transformers class name -> llama.cpp architecture.
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+BLOCK = 256  # weights per TQ2_0 / TQ1_0 block (QK_K)
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_FP16_MIN, _FP16_MAX = 2.0**-14, 65504.0
+
+
+class GGUFExportError(ValueError):
+    """A model, tokenizer or option that cannot be written as a GGUF file for llama.cpp (one line, why)."""
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("GGUF export needs the gguf package: pip install 'tritium[gguf]'") from e
+    return gguf
+
+
+@dataclass
+class _Ternary:
+    """A ternary linear layer as exported: int8 codes ``(N, K)``, float32 scale ``(N,)``, bias or None."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _ternary(name: str, layer: nn.Module) -> _Ternary:
+    """The codes, row scales and bias of a ternary layer that maps onto llama.cpp's graph."""
+    hint = "quantize the model with tritium.formats.gguf.PRESET (norm=None) and train it"
+    if isinstance(layer, BitLinear):
+        cfg = layer.config
+        problems = []
+        if not cfg.ternary:
+            problems.append(f"weight_bits={cfg.weight_bits} (needs 1.58)")
+        if cfg.norm is not None:
+            problems.append(f"norm={cfg.norm!r} (llama.cpp's graph has no input norm inside a linear layer)")
+        if cfg.act_bits != 8:
+            problems.append(f"act_bits={cfg.act_bits} (llama.cpp uses 8-bit activations)")
+        if cfg.granularity not in ("tensor", "channel"):
+            problems.append(f"granularity={cfg.granularity} (needs a per-tensor or per-channel scale)")
+        if cfg.lambda_ != 1.0:
+            problems.append(f"lambda_={cfg.lambda_} (finish the warm-up first)")
+        if problems:
+            raise GGUFExportError(f"cannot export {name!r} (config {cfg.spec!r}) to GGUF: " + "; ".join(problems)
+                                  + f"; {hint}")
+        try:
+            layer = TernaryLinear.from_bitlinear(layer, name)
+        except ValueError as e:
+            raise GGUFExportError(f"cannot export {name!r} to GGUF: {e}") from None
+    elif isinstance(layer, TernaryLinear):
+        if layer.norm is not None:
+            raise GGUFExportError(
+                f"cannot export {name!r} to GGUF: it was frozen with norm={layer.norm!r}, and llama.cpp's graph "
+                f"has no input norm inside a linear layer; {hint}")
+    else:
+        raise GGUFExportError(f"cannot export {name!r} to GGUF: it is a {type(layer).__name__}, not a ternary "
+                              f"layer; {hint}")
+    if layer.weight_packed.device.type == "meta":
+        raise GGUFExportError(f"cannot export {name!r} to GGUF: its weights are on the meta device (load them first)")
+    n, k = layer.out_features, layer.in_features
+    if k % BLOCK:
+        raise GGUFExportError(f"cannot export {name!r} to GGUF: in_features={k} is not a multiple of {BLOCK} "
+                              "(the TQ2_0/TQ1_0 block along each row)")
+    q = kernels.unpack(layer.weight_packed.cpu(), n, k)
+    scale = layer.weight_scale.detach().float().cpu().reshape(-1).expand(n).clone()
+    used = scale[(q != 0).any(dim=1)]
+    bad = used[~((used.abs() >= _FP16_MIN) & (used.abs() <= _FP16_MAX))]
+    if bad.numel():
+        raise GGUFExportError(f"cannot export {name!r} to GGUF: weight scale {bad[0].item():.6g} lies outside "
+                              f"fp16's normal range [{_FP16_MIN:.3g}, {_FP16_MAX:g}] (TQ blocks store fp16 scales)")
+    bias = None if layer.bias is None else layer.bias.detach().float().cpu()
+    return _Ternary(q, scale, bias)
+
+
+def _rope(config: Any) -> float:
+    """The rope theta of a config with plain rotary embeddings; GGUFExportError for rope scaling."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "full_attention" in params:
+        params = params["full_attention"]
+    if isinstance(params, dict):
+        rope_type = params.get("rope_type", "default")
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    else:
+        scaling = getattr(config, "rope_scaling", None)
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        theta = getattr(config, "rope_theta", 10000.0)
+    if rope_type != "default":
+        raise GGUFExportError(f"cannot export to GGUF: rope type {rope_type!r} is not supported (plain rotary "
+                              "embeddings only)")
+    return float(theta)
+
+
+def _permute(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder rows of a query/key projection from transformers' rotate-half layout to llama.cpp's pairs."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+@dataclass
+class _Plan:
+    arch: str
+    config: Any
+    ternary: dict[str, _Ternary]  # transformers tensor name (".weight") -> layer
+    floats: dict[str, torch.Tensor]  # transformers tensor name -> float tensor
+    head_dim: int
+    context: int
+
+
+def _plan(model: nn.Module) -> _Plan:
+    """Everything to write, after checking that the model maps onto llama.cpp's graph."""
+    cls = type(model).__name__
+    arch = ARCHITECTURES.get(cls)
+    if arch is None:
+        raise GGUFExportError(f"cannot export a {cls} to GGUF: supported architectures are "
+                              f"{', '.join(ARCHITECTURES)}")
+    config = model.config
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise GGUFExportError(f"cannot export to GGUF: hidden_act={act!r} (llama.cpp's {arch} graph uses silu)")
+    _rope(config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if arch == "qwen2" and head_dim * heads != config.hidden_size:
+        raise GGUFExportError(f"cannot export to GGUF: llama.cpp's qwen2 graph needs heads x head_dim = hidden size, "
+                              f"got {heads} x {head_dim} != {config.hidden_size}")
+    context = int(config.max_position_embeddings)
+    if arch == "qwen2":
+        types = getattr(config, "layer_types", None) or []
+        if getattr(config, "use_sliding_window", False) or "sliding_attention" in types:
+            raise GGUFExportError("cannot export to GGUF: Qwen2 sliding-window layers are not supported")
+    window = getattr(config, "sliding_window", None) if cls == "MistralForCausalLM" else None
+    if isinstance(window, int) and window > 0:
+        context = min(context, window)
+    ternary: dict[str, _Ternary] = {}
+    floats: dict[str, torch.Tensor] = {}
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, (BitLinear, TernaryLinear)):
+            ternary[name + ".weight"] = _ternary(name, module)
+        elif leaf in _LINEARS:
+            raise GGUFExportError(
+                f"cannot export {name!r} to GGUF: it is a {type(module).__name__}, not a ternary layer; quantize "
+                "the model with tritium.formats.gguf.PRESET (norm=None) and train it")
+        elif isinstance(module, nn.Linear) and module is not head:
+            raise GGUFExportError(f"cannot export {name!r} to GGUF: llama.cpp's {arch} graph has no such layer")
+        else:
+            for pname, p in module.named_parameters(recurse=False):
+                if p.device.type == "meta":
+                    raise GGUFExportError(f"cannot export {name}.{pname} to GGUF: it is on the meta device")
+                floats[f"{name}.{pname}" if name else pname] = p.detach().float().cpu()
+    if isinstance(head, nn.Linear) and not isinstance(head, BitLinear) and embed is not None \
+            and head.weight is embed.weight:
+        floats = {k: v for k, v in floats.items() if not k.startswith(_name_of(model, head) + ".")}
+    return _Plan(arch, config, ternary, floats, head_dim, context)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _tokenizer_json(tokenizer: object) -> dict:
+    from ..io import tokenizer_json
+
+    try:
+        return json.loads(tokenizer_json(tokenizer))
+    except TypeError as e:
+        raise GGUFExportError(f"cannot export the tokenizer to GGUF: {e}") from None
+
+
+def _components(node: dict | None) -> list[dict]:
+    """The parts of a tokenizer component (a pre-tokenizer, decoder, ...) that may be a Sequence."""
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        key = next((k for k in ("pretokenizers", "decoders", "normalizers", "processors") if k in node), None)
+        return [c for sub in node.get(key, []) for c in _components(sub)]
+    return [node]
+
+
+def _backend(tokenizer: object):
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)
+
+
+def _add_tokenizer(writer: Any, gguf: Any, tokenizer: object, vocab_size: int, config: Any) -> None:
+    """Write a byte-level BPE tokenizer as llama.cpp's ``gpt2`` vocabulary."""
+    spec = _tokenizer_json(tokenizer)
+    model = spec.get("model") or {}
+    why = None
+    pre = _components(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE":
+        why = f"its model is {model.get('type')!r}, not byte-level BPE"
+    elif spec.get("normalizer"):
+        why = "it has a normalizer"
+    elif len(pre) != 1 or pre[0].get("type") != "ByteLevel" or not pre[0].get("use_regex", True) \
+            or pre[0].get("add_prefix_space", False):
+        why = "its pre-tokenizer is not GPT-2's ByteLevel (with its regex, without a prefix space)"
+    elif model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        why = "its BPE uses byte fallback or subword affixes"
+    if why:
+        raise GGUFExportError(f"cannot export the tokenizer to GGUF: {why}; llama.cpp's gpt2 vocabulary is supported "
+                              "(or export without a tokenizer)")
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    added = {t["id"]: t for t in spec.get("added_tokens") or []}
+    for i, t in added.items():
+        vocab[t["content"]] = i
+    too_big = [i for i in vocab.values() if i >= vocab_size]
+    if too_big:
+        raise GGUFExportError(f"cannot export the tokenizer to GGUF: token id {max(too_big)} does not fit the model's "
+                              f"vocabulary of {vocab_size}")
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges(merges)
+    backend = _backend(tokenizer)
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and 0 <= value < vocab_size and value in by_id:
+            ids[key] = value
+    if "bos_token_id" in ids:
+        writer.add_bos_token_id(ids["bos_token_id"])
+    if "eos_token_id" in ids:
+        writer.add_eos_token_id(ids["eos_token_id"])
+    if "pad_token_id" in ids:
+        writer.add_pad_token_id(ids["pad_token_id"])
+    with_special = backend.encode("a").ids
+    plain = backend.encode("a", add_special_tokens=False).ids
+    bos = ids.get("bos_token_id")
+    writer.add_add_bos_token(bool(bos is not None and len(with_special) > len(plain) and with_special[0] == bos))
+    writer.add_add_eos_token(False)
+
+
+def export_gguf(
+    model: nn.Module,
+    path: str | os.PathLike,
+    qtype: str = "tq2_0",
+    tokenizer: object | None = None,
+    float_type: str = "f32",
+) -> None:
+    """Write a ternary Llama, Mistral or Qwen2 decoder as a GGUF file for llama.cpp, atomically.
+
+    ``model`` is a transformers ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``
+    quantized with `PRESET` (a QAT model of `BitLinear` layers, or frozen with `tritium.freeze`). ``qtype``
+    is ``"tq2_0"`` or ``"tq1_0"`` for the linear layers; ``float_type`` (``"f32"`` or ``"f16"``) is the type
+    of the token embedding and a full-precision output head (norms stay F32). ``tokenizer`` (optional) is a
+    byte-level BPE ``tokenizers.Tokenizer`` or transformers fast tokenizer, written as llama.cpp's ``gpt2``
+    vocabulary. Raises `GGUFExportError` (one line, saying why) for a model, tokenizer or option that does
+    not map onto llama.cpp's graph (see the module docstring), ImportError without the ``gguf`` package.
+    """
+    qtype, float_type = str(qtype).lower(), str(float_type).lower()
+    if qtype not in QTYPES:
+        raise GGUFExportError(f"qtype={qtype!r} is not supported; choose one of {', '.join(QTYPES)}")
+    if float_type not in FLOAT_TYPES:
+        raise GGUFExportError(f"float_type={float_type!r} is not supported; choose one of {', '.join(FLOAT_TYPES)}")
+    if not isinstance(model, nn.Module):
+        raise GGUFExportError(f"cannot export a {type(model).__name__} to GGUF: expected a transformers model")
+    gguf = _gguf()
+    plan = _plan(model)
+    config = plan.config
+    q_type = gguf.GGMLQuantizationType.TQ2_0 if qtype == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
+    file_type = gguf.LlamaFileType.MOSTLY_TQ2_0 if qtype == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0
+    arch = gguf.MODEL_ARCH.LLAMA if plan.arch == "llama" else gguf.MODEL_ARCH.QWEN2
+    n_layers = int(config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(config.num_key_value_heads or heads)
+    vocab_size = int(model.get_input_embeddings().num_embeddings)
+
+    def gguf_name(name: str) -> str:
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise GGUFExportError(f"cannot export {name!r} to GGUF: llama.cpp's {plan.arch} graph has no such tensor")
+        return new
+
+    def permuted(name: str, t: torch.Tensor) -> torch.Tensor:
+        if plan.arch != "llama":
+            return t
+        if ".q_proj." in name:
+            return _permute(t, heads)
+        if ".k_proj." in name:
+            return _permute(t, kv_heads)
+        return t
+
+    tensors: list[tuple[str, np.ndarray, Any]] = []
+    for name, layer in plan.ternary.items():
+        w = layer.q.float() * layer.scale.reshape(-1, 1)  # exactly +-s or 0: each block's absmax is its row's s
+        w = permuted(name, w).contiguous().numpy()
+        tensors.append((gguf_name(name), gguf.quants.quantize(w, q_type), q_type))
+        if layer.bias is not None:
+            bias_name = name.removesuffix(".weight") + ".bias"
+            tensors.append((gguf_name(bias_name), permuted(bias_name, layer.bias).contiguous().numpy(), None))
+    for name, t in plan.floats.items():
+        t = permuted(name, t).contiguous()
+        if t.dim() == 2 and float_type == "f16":
+            if not torch.isfinite(t.half()).all():
+                raise GGUFExportError(f"cannot export {name!r} as F16: it has values outside fp16's range")
+            tensors.append((gguf_name(name), t.half().numpy(), None))
+        else:
+            tensors.append((gguf_name(name), t.numpy(), None))
+
+    def write(tmp) -> None:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+        source = str(getattr(config, "_name_or_path", "") or "").rstrip("/")
+        writer.add_name(os.path.basename(source) or type(model).__name__)
+        writer.add_vocab_size(vocab_size)
+        writer.add_context_length(plan.context)
+        writer.add_embedding_length(int(config.hidden_size))
+        writer.add_block_count(n_layers)
+        writer.add_feed_forward_length(int(config.intermediate_size))
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        if plan.arch == "llama":
+            writer.add_rope_dimension_count(plan.head_dim)
+        if plan.head_dim * heads != config.hidden_size:
+            writer.add_key_length(plan.head_dim)
+            writer.add_value_length(plan.head_dim)
+        writer.add_rope_freq_base(_rope(config))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if tokenizer is None:
+            writer.add_tokenizer_model("none")
+        else:
+            _add_tokenizer(writer, gguf, tokenizer, vocab_size, config)
+        for gname, data, raw in tensors:
+            if raw is None:
+                writer.add_tensor(gname, data)
+            else:
+                writer.add_tensor(gname, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic.write_with(path, write)
