@@ -32,7 +32,8 @@ def test_bench_train_tiny(tmp_path, capsys):
     main(["bench", "train", "--dim", "32", "--batch", "2", "--seq", "8", "--repeats", "2", "--warmup", "1",
           "--json", str(path)])
     data = json.loads(path.read_text())
-    assert set(data["variants"]) == {"nn.Linear", "tritium absmean", "tritium absmedian"}
+    assert set(data["variants"]) == {"nn.Linear", "tritium absmean", "tritium absmedian", "nn.Linear bf16",
+                                     "tritium absmedian bf16"}
     base = data["variants"]["nn.Linear"]
     assert base["time_ratio"] == 1.0 and base["memory_ratio"] == 1.0
     for v in data["variants"].values():

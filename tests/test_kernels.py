@@ -108,6 +108,62 @@ def test_pack_layout() -> None:
     assert K.pack(q).tolist() == [[0 | 1 << 2 | 2 << 4 | 2 << 6, 0 | 1 << 2 | 1 << 4 | 1 << 6]]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pack_bit_exact_with_reference(backend: str) -> None:
+    """The native packing equals reference.pack for every int8 input, invalid values and odd K included."""
+    gen = torch.Generator().manual_seed(11)
+    K.set_backend(backend)
+    for n, k in [(0, 5), (4, 0), (1, 1), (5, 3), (7, 255), (33, 1027), (2, 4101), (300, 64), (1024, 4096)]:
+        q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        assert torch.equal(K.pack(q), reference.pack(q)), (n, k)
+        t = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+        assert torch.equal(K.pack(t), reference.pack(t)), (n, k)
+        assert torch.equal(K.pack(t.t().contiguous().t()), reference.pack(t))  # non-contiguous
+    with pytest.raises(ValueError, match="2-D"):
+        K.pack(torch.zeros(4, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_ternary_matches_quantize_weight(backend: str) -> None:
+    """q bit for bit quant.quantize_weight's (rounding ties at +-0.5 s and +-1.5 s included), pack(q), and
+    a NaN scale exactly for the rows where w / s is NaN."""
+    from tritium import BitConfig, quant
+
+    gen = torch.Generator().manual_seed(12)
+    K.set_backend(backend)
+    for i, (n, k) in enumerate([(0, 5), (3, 0), (1, 1), (5, 3), (33, 1027), (64, 4099), (300, 257)]):
+        for gran in ("tensor", "channel"):
+            cfg = BitConfig(measure=("absmean", "absmedian", "absmax")[i % 3], granularity=gran)
+            w = torch.randn(n, k, generator=gen) * (torch.rand(n, 1, generator=gen) + 0.1)
+            _, s = quant.quantize_weight(w, cfg)
+            if w.numel():
+                ties = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, 0.0, -0.0]) * s.reshape(-1)[0]
+                w.view(-1)[: min(7, w.numel())] = ties[: min(7, w.numel())]
+            if n > 2 and k > 2:
+                w[1, 2] = float("nan")
+                w[2, 0] = float("inf")
+            want, s = quant.quantize_weight(w, cfg)
+            q, packed, sw = K.quantize_ternary(w, s.reshape(-1))
+            bad = want.isnan().any(1)
+            assert torch.equal(q, want.nan_to_num(0.0).to(torch.int8)), (backend, n, k, gran)
+            assert torch.equal(packed, reference.pack(q))
+            assert torch.equal(sw.isnan(), bad) and torch.equal(sw[~bad], s.reshape(-1).expand(n)[~bad])
+    with pytest.raises(TypeError, match="float32"):
+        K.quantize_ternary(torch.zeros(3, 4, dtype=torch.float64), torch.ones(1))
+    with pytest.raises(ValueError, match="s has shape"):
+        K.quantize_ternary(torch.zeros(3, 4), torch.ones(2))
+
+
+def test_pack_and_quantize_ternary_custom_ops() -> None:
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randint(-1, 2, (24, 70), generator=gen, dtype=torch.int8)
+    w, s = torch.randn(24, 70, generator=gen), torch.rand(24, generator=gen) + 0.5
+    torch.library.opcheck(torch.ops.tritium.pack.default, (q,))
+    torch.library.opcheck(torch.ops.tritium.quantize_ternary.default, (w, s))
+    compiled = torch.compile(lambda w, s: K.quantize_ternary(w, s)[1], fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(w, s), K.pack(K.quantize_ternary(w, s)[0]))
+
+
 def test_non_contiguous_and_validation() -> None:
     gen = torch.Generator().manual_seed(3)
     q, x, sx = _case(6, 10, 40, gen)

@@ -136,6 +136,31 @@ def check_group(cfg: BitConfig, in_features: int, where: str = "layer") -> None:
         raise ValueError(f"{where}: group size {g} does not divide in_features={in_features}")
 
 
+def _grouped(w: Tensor, cfg: BitConfig) -> Tensor:
+    """``w`` as float32, ``(N, K // G, G)`` for group scales, else ``(N, K)``."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    check_group(cfg, k)
+    wf = w.float()
+    return wf.reshape(n, k // cfg.group_size, cfg.group_size) if cfg.group_size is not None else wf
+
+
+def _scale(wf: Tensor, cfg: BitConfig) -> Tensor:
+    """The scale of a `_grouped` weight, with kept dimensions so that it broadcasts against it."""
+    m = _measure(wf, cfg.measure, None if cfg.granularity == "tensor" else -1, cfg.median_sample)
+    if cfg.weight_bits == 1:
+        return m
+    return m.clamp(min=WEIGHT_EPS) / (1 if cfg.ternary else 2 ** (int(cfg.weight_bits) - 1))
+
+
+def weight_scale(w: Tensor, cfg: BitConfig) -> Tensor:
+    """The float32 scale `quantize_weight` gives ``w`` ``(N, K)``, of shape `weight_scale_shape` (pass a
+    detached ``w``, or call it under ``torch.no_grad()``, unless its gradient is wanted)."""
+    s, shape = _scale(_grouped(w, cfg), cfg), weight_scale_shape(cfg, *w.shape)
+    return s if s.shape == shape else s.reshape(shape)  # a fresh tensor, never a view, where it can
+
+
 @torch.no_grad()
 def quantize_weight(w: Tensor, cfg: BitConfig) -> tuple[Tensor, Tensor]:
     """Quantize a weight ``(N, K)`` to integer values ``q`` (same dtype as ``w``) and a float32 scale.
@@ -143,26 +168,15 @@ def quantize_weight(w: Tensor, cfg: BitConfig) -> tuple[Tensor, Tensor]:
     The scale has shape `weight_scale_shape` (``()`` per tensor, ``(N, 1)`` per channel, ``(N, K//G)``
     per group); `dequantize_weight` gives ``q * s``.
     """
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    wf = _grouped(w, cfg)
     n, k = w.shape
-    check_group(cfg, k)
-    wf = w.float()
-    if cfg.group_size is not None:
-        wf = wf.reshape(n, k // cfg.group_size, cfg.group_size)
-    dim = None if cfg.granularity == "tensor" else -1
-    m = _measure(wf, cfg.measure, dim, cfg.median_sample)
+    s = _scale(wf, cfg)
     if cfg.weight_bits == 1:
-        s = m
         q = torch.where(wf >= 0, 1.0, -1.0)
     else:
         half = 1 if cfg.ternary else 2 ** (int(cfg.weight_bits) - 1)
-        lo, hi = (-1, 1) if cfg.ternary else (-half, half - 1)
-        s = m.clamp(min=WEIGHT_EPS) / half
-        q = (wf / s).round_().clamp_(lo, hi)
-    q = q.reshape(n, k).to(w.dtype)
-    s = s.reshape(weight_scale_shape(cfg, n, k))
-    return q, s
+        q = (wf / s).round_().clamp_(-1 if cfg.ternary else -half, 1 if cfg.ternary else half - 1)
+    return q.reshape(n, k).to(w.dtype), s.reshape(weight_scale_shape(cfg, n, k))
 
 
 def expand_scale(s: Tensor, shape: tuple[int, int]) -> Tensor:

@@ -1,17 +1,21 @@
 """``tritium bench train``: one QAT training step (forward, backward, AdamW) against nn.Linear.
 
-The block is ``Linear(d, 4d) -> GELU -> Linear(4d, d)`` with d = 1024 on an input of 8 x 256 x d, fp32,
-all CPU threads. All variants run in one process, interleaved round by round so that machine noise hits
-them alike; wall and CPU times are medians. Peak memory is the peak of live tensor bytes during one step
-(parameters, gradients, AdamW state and activations), tracked exactly with a dispatch mode.
+The block is ``Linear(d, 4d) -> GELU -> Linear(4d, d)`` with d = 1024 on an input of 8 x 256 x d, fp32
+parameters, all CPU threads: in fp32, and under bf16 autocast. A tritium variant's ratios are against the
+``nn.Linear`` step of the same precision, those of ``nn.Linear bf16`` against ``nn.Linear`` in fp32. All
+variants run in one process, interleaved round by round so that machine noise hits them alike; wall and CPU
+times are medians. Peak memory is the peak of live tensor bytes during one step (parameters, gradients,
+AdamW state and activations), tracked exactly with a dispatch mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,7 +25,20 @@ import tritium
 from ..args import nonnegative_int, output_file, positive_int
 from .common import PeakMemory, machine_info, write_json
 
-VARIANTS = {"nn.Linear": None, "tritium absmean": "1.58-absmean", "tritium absmedian": "1.58-absmedian"}
+
+class Variant(NamedTuple):
+    spec: str | None  # the tritium.quantize spec; None: nn.Linear
+    autocast: torch.dtype | None  # the CPU autocast dtype; None: fp32
+    baseline: str  # the variant its ratios are against
+
+
+VARIANTS = {
+    "nn.Linear": Variant(None, None, "nn.Linear"),
+    "tritium absmean": Variant("1.58-absmean", None, "nn.Linear"),
+    "tritium absmedian": Variant("1.58-absmedian", None, "nn.Linear"),
+    "nn.Linear bf16": Variant(None, torch.bfloat16, "nn.Linear"),
+    "tritium absmedian bf16": Variant("1.58-absmedian", torch.bfloat16, "nn.Linear bf16"),
+}
 
 
 def make_block(d: int, spec: str | None, seed: int = 0) -> nn.Module:
@@ -30,22 +47,26 @@ def make_block(d: int, spec: str | None, seed: int = 0) -> nn.Module:
     return block if spec is None else tritium.quantize(block, spec)
 
 
-def make_step(block: nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], torch.optim.Optimizer]:
-    """A closure doing one forward, backward and AdamW step of ``block`` on ``x``, and its optimizer."""
+def make_step(block: nn.Module, x: torch.Tensor, autocast: torch.dtype | None = None
+              ) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """A closure doing one forward (under CPU autocast to ``autocast`` if given), backward and AdamW step of
+    ``block`` on ``x``, and its optimizer."""
     opt = torch.optim.AdamW(block.parameters(), lr=1e-4)
 
     def step() -> None:
-        block(x).square().mean().backward()
+        with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = block(x).float().square().mean()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step, opt
 
 
-def peak_memory(d: int, spec: str | None, x: torch.Tensor) -> int:
+def peak_memory(d: int, variant: Variant, x: torch.Tensor) -> int:
     """Peak live tensor bytes during the second training step (the first allocates the AdamW state)."""
-    block = make_block(d, spec)
-    step, opt = make_step(block, x)
+    block = make_block(d, variant.spec)
+    step, opt = make_step(block, x, variant.autocast)
     step()
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     mem = PeakMemory()
@@ -67,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     d = args.dim
     x = torch.randn(args.batch, args.seq, d)
-    steps = {name: make_step(make_block(d, spec), x)[0] for name, spec in VARIANTS.items()}
+    steps = {name: make_step(make_block(d, v.spec), x, v.autocast)[0] for name, v in VARIANTS.items()}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -81,17 +102,14 @@ def run(args: argparse.Namespace) -> dict:
             cpu[name].append(time.process_time() - c0)
     results = {"machine": machine_info(), "shape": {"dim": d, "batch": args.batch, "seq": args.seq},
                "repeats": args.repeats, "variants": {}}
-    base_t = statistics.median(times["nn.Linear"])
-    base_c = statistics.median(cpu["nn.Linear"])
-    base_m = None
-    for name, spec in VARIANTS.items():
+    peaks = {name: peak_memory(d, v, x) for name, v in VARIANTS.items()}
+    for name, v in VARIANTS.items():
         med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
-        peak = peak_memory(d, spec, x)
-        base_m = base_m or peak
+        base_t, base_c = statistics.median(times[v.baseline]), statistics.median(cpu[v.baseline])
         results["variants"][name] = {"median_ms": med * 1e3, "time_ratio": med / base_t,
                                      "cpu_ms": med_cpu * 1e3, "cpu_ratio": med_cpu / base_c,
-                                     "peak_mib": peak / 2**20, "memory_ratio": peak / base_m,
-                                     "times_ms": [t * 1e3 for t in times[name]]}
+                                     "peak_mib": peaks[name] / 2**20, "memory_ratio": peaks[name] / peaks[v.baseline],
+                                     "baseline": v.baseline, "times_ms": [t * 1e3 for t in times[name]]}
     print(format_table(results))
     if args.json:
         write_json(args.json, results)
@@ -104,11 +122,13 @@ def format_table(results: dict) -> str:
         f"training step of Linear({s['dim']}, {4 * s['dim']}) -> GELU -> Linear({4 * s['dim']}, {s['dim']}), "
         f"input {s['batch']}x{s['seq']}x{s['dim']} fp32, AdamW; {m['threads']} threads on {m['cpu']}",
         f"medians of {results['repeats']} interleaved steps; CPU time = user + system time of all threads, "
-        "which other load on the machine disturbs less than wall time",
+        "which other load on the machine disturbs less than wall time; bf16 = under bf16 autocast, ratios "
+        "against the baseline named",
         "",
-        f"{'variant':<18} {'wall ms':>8} {'ratio':>6} {'CPU ms':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}",
+        f"{'variant':<23} {'wall ms':>8} {'ratio':>6} {'CPU ms':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}"
+        "  baseline",
     ]
     for name, v in results["variants"].items():
-        lines.append(f"{name:<18} {v['median_ms']:>8.1f} {v['time_ratio']:>5.2f}x {v['cpu_ms']:>8.1f} "
-                     f"{v['cpu_ratio']:>5.2f}x {v['peak_mib']:>9.1f} {v['memory_ratio']:>5.2f}x")
+        lines.append(f"{name:<23} {v['median_ms']:>8.1f} {v['time_ratio']:>5.2f}x {v['cpu_ms']:>8.1f} "
+                     f"{v['cpu_ratio']:>5.2f}x {v['peak_mib']:>9.1f} {v['memory_ratio']:>5.2f}x  {v['baseline']}")
     return "\n".join(lines)

@@ -3,8 +3,10 @@
 Contract (every backend computes exactly this):
 
 * ``pack(q)``: int8 ``(N, K)`` with values in {-1, 0, 1} -> uint8 ``(N, ceil(K / 4))``, 4 weights per
-  byte (layout in `tritium.kernels.reference`).
+  byte (layout and definition in `tritium.kernels.reference`; the native backends pack in C, bit for bit).
 * ``unpack(packed, n, k)``: the inverse.
+* ``quantize_ternary(w, s)``: float32 ``(N, K)`` and its ternary scale -> int8 ``q``, ``pack(q)`` and the
+  per-row scale for `ternary_matmul`, in one pass; ``q`` is ``tritium.quant.quantize_weight``'s.
 * ``ternary_matmul(xq, packed, n, k, sx, sw, bias)``: ``xq`` int8 ``(M, K)``, ``sx`` float32 ``(M,)``,
   ``sw`` float32 ``(N,)`` (or ``(1,)`` for a per-tensor scale), ``bias`` float32 ``(N,)`` or None ->
   float32 ``(M, N)`` with ``y[m, n] = float(acc[m, n]) * (sx[m] * sw[n]) + bias[n]``, where
@@ -50,11 +52,11 @@ from torch import Tensor
 
 from .. import quant
 from . import _native, reference
-from .reference import pack, unpack
+from .reference import unpack
 
 __all__ = [
     "pack", "unpack", "ternary_matmul", "quantize_rows", "ternary_linear", "set_backend", "get_backend",
-    "available_backends", "openmp_runtime", "MAX_K",
+    "available_backends", "openmp_runtime", "quantize_ternary", "native", "MAX_K",
 ]
 
 MAX_K = 1 << 17
@@ -117,6 +119,96 @@ def get_backend() -> str:
     return _backend
 
 
+def native(*tensors: Tensor) -> bool:
+    """Whether the compiled kernels (not the PyTorch reference) run on ``tensors``: a native backend is in
+    use and every tensor is on the CPU."""
+    return (_backend or get_backend()) != "reference" and all(t.device.type == "cpu" for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Packing (definition: tritium.kernels.reference.pack) and the fused ternary weight quantizer.
+
+
+@torch.library.custom_op("tritium::pack", mutates_args=())
+def _pack_op(q: Tensor) -> Tensor:
+    if not native(q):
+        return reference.pack(q)
+    backend = get_backend()
+    q = q.contiguous()
+    n, k = q.shape
+    out = torch.empty((n, (k + 3) // 4), dtype=torch.uint8)
+    rc = _lib.tk_pack(_native.NATIVE_IDS[backend], q.data_ptr(), out.data_ptr(), n, k, torch.get_num_threads())
+    if rc != 0:
+        _raise(backend, rc)
+    return out
+
+
+@_pack_op.register_fake
+def _(q: Tensor) -> Tensor:
+    return q.new_empty((q.shape[0], (q.shape[1] + 3) // 4), dtype=torch.uint8)
+
+
+def pack(q: Tensor) -> Tensor:
+    """Pack an int ``(N, K)`` tensor with values in {-1, 0, 1} into uint8 ``(N, ceil(K / 4))``.
+
+    Bit-identical to `tritium.kernels.reference.pack` (which defines it) for every int8 input, on every
+    backend; other dtypes are converted to int8 first. Raises ValueError for a tensor that is not 2-D.
+    """
+    if q.dim() != 2:
+        raise ValueError(f"pack expects a 2-D ternary weight, got shape {tuple(q.shape)}")
+    return _pack_op(q.to(torch.int8))
+
+
+def _quantize_ternary_reference(w: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    v = w / s.reshape(-1, 1)
+    bad = v.isnan().any(1)
+    q = v.round_().clamp_(-1, 1).nan_to_num_(0.0).to(torch.int8)
+    return q, reference.pack(q), torch.where(bad, torch.nan, s.reshape(-1).expand(w.shape[0]))
+
+
+@torch.library.custom_op("tritium::quantize_ternary", mutates_args=())
+def _quantize_ternary_op(w: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if not native(w, s):
+        return _quantize_ternary_reference(w, s)
+    backend = get_backend()
+    w, s = w.contiguous(), s.contiguous()
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=torch.int8)
+    packed = torch.empty((n, (k + 3) // 4), dtype=torch.uint8)
+    so = torch.empty((n,), dtype=torch.float32)
+    rc = _lib.tk_quantize_ternary(
+        _native.NATIVE_IDS[backend], w.data_ptr(), s.data_ptr(), int(s.numel() != 1), q.data_ptr(),
+        packed.data_ptr(), so.data_ptr(), n, k, torch.get_num_threads(),
+    )
+    if rc != 0:
+        _raise(backend, rc)
+    return q, packed, so
+
+
+@_quantize_ternary_op.register_fake
+def _(w: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n, k = w.shape
+    return (w.new_empty((n, k), dtype=torch.int8), w.new_empty((n, (k + 3) // 4), dtype=torch.uint8),
+            w.new_empty((n,), dtype=torch.float32))
+
+
+def quantize_ternary(w: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize a float32 weight ``(N, K)`` with its ternary scale ``s`` (one element, or ``N`` for a
+    per-row scale): int8 ``q = clamp(round(w / s), -1, 1)`` ``(N, K)``, ``pack(q)``, and float32 ``sw``
+    ``(N,)`` for `ternary_matmul`.
+
+    ``q`` is ``tritium.quant.quantize_weight``'s for 1.58 bits (``w / s`` a true float32 division, round
+    half to even), bit for bit. ``sw`` is the row's scale, or NaN for a row in which some ``w / s`` is NaN
+    (``q`` is 0 there), so that the row's outputs are NaN as in the float product. Raises TypeError or
+    ValueError for other dtypes or shapes.
+    """
+    if not isinstance(w, Tensor) or w.dtype != torch.float32 or w.dim() != 2:
+        desc = f"{w.dtype} tensor of shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
+        raise TypeError(f"quantize_ternary: w must be a 2-D float32 tensor (N, K), got {desc}")
+    _check(s, "s", torch.float32, (1, w.shape[0]), w.device, "quantize_ternary", "w")
+    return _quantize_ternary_op(w, s.reshape(-1))
+
+
 @torch.library.custom_op("tritium::ternary_matmul", mutates_args=())
 def _ternary_matmul_op(
     xq: Tensor, packed: Tensor, n: int, k: int, sx: Tensor, sw: Tensor, bias: Tensor | None
@@ -149,17 +241,18 @@ def _(xq: Tensor, packed: Tensor, n: int, k: int, sx: Tensor, sw: Tensor, bias: 
     return xq.new_empty((xq.shape[0], n), dtype=torch.float32)
 
 
-def _check(t: Tensor, name: str, dtype: torch.dtype, numel: tuple[int, ...], device: torch.device) -> None:
+def _check(t: Tensor, name: str, dtype: torch.dtype, numel: tuple[int, ...], device: torch.device,
+           fn: str = "ternary_matmul", like: str = "xq") -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"ternary_matmul: {name} must be a tensor, got {type(t).__name__}")
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype != dtype:
-        raise TypeError(f"ternary_matmul: {name} must be {dtype}, got {t.dtype}")
+        raise TypeError(f"{fn}: {name} must be {dtype}, got {t.dtype}")
     if t.numel() not in numel:
         raise ValueError(
-            f"ternary_matmul: {name} has shape {tuple(t.shape)}, expected {' or '.join(map(str, numel))} elements"
+            f"{fn}: {name} has shape {tuple(t.shape)}, expected {' or '.join(map(str, numel))} elements"
         )
     if t.device != device:
-        raise ValueError(f"ternary_matmul: {name} is on {t.device}, expected {device} like xq")
+        raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} like {like}")
 
 
 def ternary_matmul(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 NAME = "_tritium_kernels"
 NATIVE_IDS = {"generic": 0, "avx2": 1, "avx512": 2, "amx": 3, "neon": 4}
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 
 def _candidates() -> list[Path]:
@@ -36,7 +36,7 @@ def load() -> tuple[ctypes.CDLL | None, str]:
         if lib.tk_abi_version() != ABI_VERSION:
             return None, f"{paths[0]} has ABI version {lib.tk_abi_version()}, expected {ABI_VERSION} (rebuild it)"
         fns = (lib.tk_ternary_matmul, lib.tk_quantize_rows, lib.tk_ternary_linear, lib.tk_test_fail_task_allocs,
-               lib.tk_lazy_adamw)
+               lib.tk_lazy_adamw, lib.tk_pack, lib.tk_quantize_ternary)
     except (OSError, AttributeError) as e:
         return None, f"cannot load {paths[0]}: {e}"
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -46,6 +46,8 @@ def load() -> tuple[ctypes.CDLL | None, str]:
         [i32, p, p, p, i32, p, p, i64, i64, i64, i32],  # tk_ternary_linear
         [i32],  # tk_test_fail_task_allocs
         [p, p, p, p, i64, i64, p, i64, p, i64, p, p, p, f32, f32, f32, f32, f32, i32],  # tk_lazy_adamw
+        [i32, p, p, i64, i64, i32],  # tk_pack
+        [i32, p, p, i32, p, p, p, i64, i64, i32],  # tk_quantize_ternary
     )
     for fn, args in zip(fns, argtypes, strict=True):
         fn.restype = ctypes.c_int

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import quant
+from .. import kernels, quant
 from ..config import BitConfig
 
 
@@ -23,6 +23,10 @@ class _QuantLinear(torch.autograd.Function):
     ``*_used`` are the dequantized (and, during warm-up, blended) operands. It keeps only what backward
     needs: integer operands as int8 plus their float32 scales where the integer form is exact, the float
     operand (in ``out_dtype``) otherwise.
+
+    Where `_uses_kernels` holds, the packed ternary x int8 kernels of `tritium.kernels` compute the
+    forward: they perform the same float32 operations on the same integers (quantizers bit for bit, the
+    integer product exact), so the output is bit-identical to the ``F.linear`` form below.
     """
 
     @staticmethod
@@ -30,6 +34,9 @@ class _QuantLinear(torch.autograd.Function):
                 out_dtype):
         cfg = BitConfig(weight_bits, measure, granularity, act_bits, None, lambda_, median_sample)
         n = weight.shape[0]
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if _uses_kernels(cfg, x, weight):
+            return _kernel_forward(ctx, x, weight, bias, cfg, out_dtype)
         blend = lambda_ != 1.0
         # Activations: int-valued q with per-token scale sx, or a float operand (sx None).
         sx = None
@@ -48,15 +55,13 @@ class _QuantLinear(torch.autograd.Function):
         y = F.linear(x_used, w_used)
         if sx is not None or sw is not None:
             y.mul_(sw if sx is None else sx if sw is None else sx * sw)
-        if bias is not None:
-            y.add_(bias.float())
-        else:  # a zero sum is +0 as in integer arithmetic (a float sum of products such as -5 * 0 gives -0)
-            y.add_(0.0)
+        # A zero sum is +0 as in integer arithmetic (a float sum of products such as -5 * 0 gives -0): add
+        # +0, or the bias with a -0 turned into +0 (x + 0 = x + -0 for every other x).
+        y.add_(0.0 if bias is None else bias.float() + 0.0)
         ctx.save_for_backward(
             x_used.to(out_dtype) if sx is None else x_used.to(torch.int8), sx,
             w_used.to(out_dtype) if sw is None else w_used.to(torch.int8), sw,
         )
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y.to(out_dtype)
 
     @staticmethod
@@ -78,6 +83,29 @@ class _QuantLinear(torch.autograd.Function):
         if b_dtype is not None and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(b_dtype)
         return dx, dW, db, None, None, None, None, None, None, None
+
+
+def _uses_kernels(cfg: BitConfig, x: Tensor, weight: Tensor) -> bool:
+    """Whether `tritium.kernels` compute this forward: ternary weights with a per-tensor or per-channel
+    scale, 8-bit activations, no warm-up blend, ``K <= kernels.MAX_K``, and native kernels for the tensors'
+    device (`kernels.native`)."""
+    return (cfg.ternary and cfg.act_bits == 8 and cfg.granularity in ("tensor", "channel") and cfg.lambda_ == 1.0
+            and x.shape[-1] <= kernels.MAX_K and kernels.native(x, weight))
+
+
+def _kernel_forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, cfg: BitConfig,
+                    out_dtype: torch.dtype) -> Tensor:
+    """`_QuantLinear.forward` on the packed kernels: the same output, and the same operands saved for
+    backward (flattened to 2-D)."""
+    lead, k, n = x.shape[:-1], x.shape[-1], weight.shape[0]
+    xq, sx = kernels.quantize_rows(x.reshape(math.prod(lead), k))
+    wf = weight.detach().float()
+    s = quant.weight_scale(wf, cfg)
+    wq, packed, sw_rows = kernels.quantize_ternary(wf, s.reshape(-1))
+    y = kernels.ternary_matmul(xq, packed, n, k, sx, sw_rows, None if bias is None else bias.float())
+    # saved as the ops return them (views would alias inside torch.compile's graph); backward reshapes
+    ctx.save_for_backward(xq, sx, wq, s)
+    return y.reshape(*lead, n).to(out_dtype)
 
 
 def _scaled_matmul(a: Tensor, b: Tensor, scale: Tensor | None) -> Tensor:
@@ -105,7 +133,9 @@ class BitLinear(nn.Linear):
     too), and only the output is rounded to the input's dtype (the autocast dtype under autocast): a bf16
     layer gives exactly the float32 layer's output on the upcast input and parameters, rounded to bf16, and
     its integer product cannot overflow. Gradients are straight-through, computed in the output's dtype.
-    Train and eval mode compute the same function.
+    Train and eval mode compute the same function. On the CPU, ternary layers with 8-bit activations and a
+    per-tensor or per-channel scale run their forward matmul on the packed ternary x int8 kernels of
+    `tritium.kernels` (unless the ``reference`` backend is chosen), with a bit-identical result.
 
     Args:
         in_features, out_features, bias, device, dtype: as for `nn.Linear`.

@@ -724,6 +724,90 @@ static void neon_task(const void *ctx, int64_t t) {
 #endif /* __aarch64__ */
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Packing, bit for bit tritium.kernels.reference.pack for any int8 input: byte b of a row is          */
+/* c0 | c1 << 2 | c2 << 4 | c3 << 6 truncated to 8 bits, c_i = (uint8)(q[4b + i] + 1), padding code 1.  */
+/* The fused ternary weight quantizer is tritium.quant.quantize_weight for 1.58 bits with a per-tensor   */
+/* or per-row scale s: v = w / s (a true float32 division), q = clamp(round_half_even(v), -1, 1), which  */
+/* is +1 for v > 0.5, -1 for v < -0.5 and 0 otherwise. A row in which some v is NaN gets q = 0 there and */
+/* the output scale NaN, so that its outputs are NaN as those of the float product of the NaN weight.  */
+
+typedef struct {
+    const int8_t *q;      /* pack: int8 input (N, K) */
+    const float *w, *s;   /* ternary quantizer: float32 weight (N, K) and scale (N,) or (1,) */
+    int s_per_row;
+    int8_t *qo;           /* ternary quantizer: int8 output (N, K) */
+    uint8_t *packed;      /* (N, kb) */
+    float *so;            /* ternary quantizer: output scale (N,) */
+    int64_t N, K, kb, rows; /* rows: weight rows per task */
+} pack_job_t;
+
+AI void pack_row(const int8_t *restrict q, uint8_t *restrict out, int64_t K) {
+    int64_t full = K / 4;
+    for (int64_t b = 0; b < full; b++) {
+        uint32_t v;
+        memcpy(&v, q + 4 * b, 4);
+        v = ((v & 0x7f7f7f7fu) + 0x01010101u) ^ (v & 0x80808080u); /* bytewise q + 1, modulo 256 */
+        out[b] = (uint8_t)((v & 0xffu) | ((v >> 6) & 0xfcu) | ((v >> 12) & 0xf0u) | ((v >> 18) & 0xc0u));
+    }
+    if (K % 4) {
+        unsigned v = 0;
+        for (int i = 0; i < 4; i++) v |= (unsigned)(4 * full + i < K ? (uint8_t)(q[4 * full + i] + 1) : 1) << (2 * i);
+        out[full] = (uint8_t)v;
+    }
+}
+
+AI void pack_rows(const pack_job_t *j, int64_t t) {
+    int64_t n1 = (t + 1) * j->rows < j->N ? (t + 1) * j->rows : j->N, K = j->K, kb = j->kb;
+    for (int64_t n = t * j->rows; n < n1; n++) pack_row(j->q + n * K, j->packed + n * kb, K);
+}
+
+AI void quantize_ternary_rows(const pack_job_t *j, int64_t t) {
+    int64_t n1 = (t + 1) * j->rows < j->N ? (t + 1) * j->rows : j->N;
+    int64_t K = j->K, kb = j->kb;
+    for (int64_t n = t * j->rows; n < n1; n++) {
+        const float *restrict w = j->w + n * K;
+        int8_t *restrict q = j->qo + n * K;
+        float s = j->s[j->s_per_row ? n : 0];
+        int bad = 0;
+        for (int64_t k = 0; k < K; k++) {
+            float v = w[k] / s; /* true division, as torch's w / s */
+            q[k] = (int8_t)((v > 0.5f) - (v < -0.5f));
+            bad |= v != v;
+        }
+        pack_row(q, j->packed + n * kb, K);
+        j->so[n] = bad ? NAN : s;
+    }
+}
+
+static void pack_task(const void *ctx, int64_t t) { pack_rows(ctx, t); }
+static void quantize_ternary_task(const void *ctx, int64_t t) { quantize_ternary_rows(ctx, t); }
+#if defined(__x86_64__)
+T512 static void pack_task512(const void *ctx, int64_t t) { pack_rows(ctx, t); }
+T512 static void quantize_ternary_task512(const void *ctx, int64_t t) { quantize_ternary_rows(ctx, t); }
+T256 static void pack_task256(const void *ctx, int64_t t) { pack_rows(ctx, t); }
+T256 static void quantize_ternary_task256(const void *ctx, int64_t t) { quantize_ternary_rows(ctx, t); }
+#endif
+
+/* Run a packing pass of N rows of K on the backend's instruction set. */
+static void run_pack(task_fn generic, task_fn avx2, task_fn avx512, pack_job_t *j, int backend, int nthreads) {
+    int64_t tasks = (int64_t)nthreads * 8;
+    j->kb = (j->K + 3) / 4;
+    j->rows = (j->N + tasks - 1) / tasks;
+    if (j->rows < 1) j->rows = 1;
+    task_fn fn = generic;
+#if defined(__x86_64__)
+    if (backend == BACKEND_AVX512 || backend == BACKEND_AMX) fn = avx512;
+    else if (backend == BACKEND_AVX2) fn = avx2;
+#else
+    (void)avx2;
+    (void)avx512;
+    (void)backend;
+#endif
+    int threads = j->N * j->K >= (1 << 16) ? nthreads : 1;
+    parallel_for(fn, j, (j->N + j->rows - 1) / j->rows, threads < 1 ? 1 : threads);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Public C ABI.                                                                                   */
 
 #if defined(__x86_64__)
@@ -752,7 +836,7 @@ API int tk_supported(void) {
     return mask;
 }
 
-API int tk_abi_version(void) { return 6; }
+API int tk_abi_version(void) { return 7; }
 
 /* The file of the OpenMP runtime the kernels run on (with torch imported first: torch's libgomp), or ""
  * for a build without OpenMP (the kernels then run on the calling thread). */
@@ -907,6 +991,51 @@ API int tk_ternary_linear(int backend, const float *x, const uint8_t *w, const f
     rc = run_matmul(&j, backend, nthreads < 1 ? 1 : nthreads);
     free(sx);
     return rc;
+}
+
+/* packed (N, ceil(K/4)) = pack(q (N, K) int8), bit for bit reference.pack. Returns 0, or -1 for an
+ * unsupported backend, -3 for bad sizes. */
+API int tk_pack(int backend, const int8_t *q, uint8_t *packed, int64_t N, int64_t K, int nthreads) {
+    int rc = check_args(backend, N, 0, 0);
+    if (rc || K < 0) return rc ? rc : -3;
+    if (N == 0 || K == 0) return 0;
+    pack_job_t j = {0};
+    j.q = q;
+    j.packed = packed;
+    j.N = N;
+    j.K = K;
+#if defined(__x86_64__)
+    run_pack(pack_task, pack_task256, pack_task512, &j, backend, nthreads < 1 ? 1 : nthreads);
+#else
+    run_pack(pack_task, pack_task, pack_task, &j, backend, nthreads < 1 ? 1 : nthreads);
+#endif
+    return 0;
+}
+
+/* q (N, K) int8, packed = pack(q) and so (N,) from a float32 weight w (N, K) and its ternary scale s ((N,)
+ * with s_per_row, else (1,)): q = clamp(round_half_even(w / s), -1, 1), so = s, or NaN for a row in which
+ * some w / s is NaN (q = 0 there). Return codes as tk_pack. */
+API int tk_quantize_ternary(int backend, const float *w, const float *s, int s_per_row, int8_t *q, uint8_t *packed,
+                            float *so, int64_t N, int64_t K, int nthreads) {
+    int rc = check_args(backend, N, 0, 0);
+    if (rc || K < 0) return rc ? rc : -3;
+    if (N == 0) return 0;
+    pack_job_t j = {0};
+    j.w = w;
+    j.s = s;
+    j.s_per_row = s_per_row;
+    j.qo = q;
+    j.packed = packed;
+    j.so = so;
+    j.N = N;
+    j.K = K;
+#if defined(__x86_64__)
+    run_pack(quantize_ternary_task, quantize_ternary_task256, quantize_ternary_task512, &j, backend,
+             nthreads < 1 ? 1 : nthreads);
+#else
+    run_pack(quantize_ternary_task, quantize_ternary_task, quantize_ternary_task, &j, backend, nthreads < 1 ? 1 : nthreads);
+#endif
+    return 0;
 }
 
 /* Test hook: the next n allocations inside worker tasks fail (n = 0 turns failures off). */
