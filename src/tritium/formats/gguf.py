@@ -95,24 +95,15 @@ def _ternary(name: str, layer: nn.Module) -> _Ternary:
     hint = "quantize the model with tritium.formats.gguf.PRESET (norm=None) and train it"
     if isinstance(layer, BitLinear):
         cfg = layer.config
-        problems = []
-        if not cfg.ternary:
-            problems.append(f"weight_bits={cfg.weight_bits} (needs 1.58)")
-        if cfg.norm is not None:
-            problems.append(f"norm={cfg.norm!r} (llama.cpp's graph has no input norm inside a linear layer)")
-        if cfg.act_bits != 8:
-            problems.append(f"act_bits={cfg.act_bits} (llama.cpp uses 8-bit activations)")
-        if cfg.granularity not in ("tensor", "channel"):
-            problems.append(f"granularity={cfg.granularity} (needs a per-tensor or per-channel scale)")
-        if cfg.lambda_ != 1.0:
-            problems.append(f"lambda_={cfg.lambda_} (finish the warm-up first)")
-        if problems:
-            raise GGUFExportError(f"cannot export {name!r} (config {cfg.spec!r}) to GGUF: " + "; ".join(problems)
-                                  + f"; {hint}")
+        if cfg.norm is not None:  # the other conditions are those of freezing, checked by from_bitlinear
+            raise GGUFExportError(
+                f"cannot export {name!r} (config {cfg.spec!r}) to GGUF: norm={cfg.norm!r} (llama.cpp's graph has "
+                f"no input norm inside a linear layer); {hint}"
+            )
         try:
             layer = TernaryLinear.from_bitlinear(layer, name)
         except ValueError as e:
-            raise GGUFExportError(f"cannot export {name!r} to GGUF: {e}") from None
+            raise GGUFExportError(f"cannot export {name!r} to GGUF: {e}; {hint}") from None
     elif isinstance(layer, TernaryLinear):
         if layer.norm is not None:
             raise GGUFExportError(
