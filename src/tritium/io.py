@@ -895,12 +895,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``tritium info``: a file that is not a valid tritium file is a usage error (one line, exit 2)."""
+    """``tritium info``: a tritium or GGUF file described; any other file is a usage error (one line, exit 2)."""
+    from .formats import gguf
+
+    gguf_file = gguf.is_gguf(args.file)
     try:
-        d = describe(args.file)
-    except TritiumFormatError as e:
+        d = gguf.describe_gguf(args.file) if gguf_file else describe(args.file)
+    except (TritiumFormatError, ImportError) as e:
         raise UsageError(_printable(e)) from None
-    print(format_info(d))
+    print(gguf.format_gguf_info(d) if gguf_file else format_info(d))
     if args.json:
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

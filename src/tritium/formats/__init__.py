@@ -1,4 +1,5 @@
-"""Export to other inference formats: `export` and ``tritium export FILE OUT`` (GGUF for llama.cpp).
+"""Export to other inference formats: `export` and ``tritium export FILE OUT`` (GGUF for llama.cpp);
+`import_gguf` reads such a GGUF file back.
 
 See `tritium.formats.gguf` for the models that map onto llama.cpp's graph (quantize with
 `tritium.formats.gguf.PRESET`) and what differs numerically.
@@ -40,6 +41,18 @@ def export(
     export_gguf(model, path, qtype=qtype, tokenizer=tokenizer, float_type=float_type)
 
 
+def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, object | None]:
+    """(model in eval mode, ``tokenizers.Tokenizer`` or None) from a llama.cpp GGUF file in TQ2_0 or TQ1_0.
+
+    The inverse of ``export(model, path, "gguf")`` for Llama, Mistral and Qwen2 decoders; see
+    `tritium.formats.gguf.import_gguf`. Raises `tritium.io.TritiumFormatError` (one line, why) for a
+    malformed or unsupported file, ImportError without the ``gguf`` package.
+    """
+    from .gguf import import_gguf as _import
+
+    return _import(path)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .gguf import FLOAT_TYPES, QTYPES
 
@@ -74,4 +87,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["FORMATS", "export"]
+__all__ = ["FORMATS", "export", "import_gguf"]

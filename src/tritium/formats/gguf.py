@@ -40,6 +40,9 @@ written as llama.cpp's ``gpt2`` BPE vocabulary (byte-level BPE with the GPT-2 pr
 merges, token types (special added tokens as control tokens) and the model config's BOS/EOS ids. Other
 tokenizers are refused; without one the file has no vocabulary (``tokenizer.ggml.model = "none"``) and
 llama.cpp runs it on token ids.
+
+`import_gguf` reads such a file back (TQ2_0/TQ1_0 layers as frozen `TernaryLinear`, the rest as float32,
+the ``gpt2`` vocabulary as a tokenizer), and `describe_gguf` summarizes one for ``tritium info``.
 """
 
 from __future__ import annotations
@@ -407,3 +410,367 @@ def export_gguf(
         writer.close()
 
     atomic.write_with(path, write)
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+#: Bounds on what an imported GGUF file may declare (the file is untrusted).
+MAX_FILE_BYTES = 2**40
+MAX_GGUF_TENSORS = 2**17
+MAX_LAYERS = 4096
+MAX_WIDTH = 2**20
+#: llama.cpp architecture -> the transformers class an imported file becomes (a Mistral file imports as Llama).
+IMPORT_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_TQ_BLOCK_BYTES = {"TQ2_0": 66, "TQ1_0": 54}  # the block's fp16 scale is its last two bytes
+_FLOAT_NAMES = ("F32", "F16", "BF16")
+
+
+def _format_error(path: str | os.PathLike, msg: str) -> Exception:
+    from ..io import TritiumFormatError, _printable
+
+    return TritiumFormatError(_printable(f"{os.fspath(path)}: {msg}"))
+
+
+def _read_gguf(path: str | os.PathLike) -> Any:
+    """The ``gguf.GGUFReader`` of a regular file of bounded size; `TritiumFormatError` for anything else."""
+    from ..io import _open
+
+    gguf = _gguf()
+    with _open(path) as f:  # regular files only, opened without blocking on a FIFO or device
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_FILE_BYTES:
+            raise _format_error(path, f"{size} bytes exceeds MAX_FILE_BYTES ({MAX_FILE_BYTES})")
+        if size < 24:
+            raise _format_error(path, "file is too short to be a GGUF file")
+        if f.read(4) != b"GGUF":
+            raise _format_error(path, "not a GGUF file (no GGUF magic)")
+        try:
+            reader = gguf.GGUFReader(f)
+        except Exception as e:  # any parse failure of untrusted bytes
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            raise _format_error(path, f"malformed GGUF file ({reason})") from None
+    if len(reader.tensors) > MAX_GGUF_TENSORS:
+        raise _format_error(path, f"{len(reader.tensors)} tensors exceeds MAX_GGUF_TENSORS ({MAX_GGUF_TENSORS})")
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size or np.asarray(t.data).nbytes != int(t.n_bytes):
+            raise _format_error(path, f"tensor {t.name!r} extends past the end of the file (truncated?)")
+    return reader
+
+
+def _field(path: str | os.PathLike, reader: Any, key: str, kind: type, default: Any = None) -> Any:
+    """The value of metadata ``key`` as ``kind`` (int, float, bool, str or list), or ``default`` when absent."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise _format_error(path, f"metadata {key!r} is missing")
+        return default
+    try:
+        value = field.contents()
+    except Exception:
+        raise _format_error(path, f"metadata {key!r} is malformed") from None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, list) if kind is list else isinstance(value, bool) if kind is bool else (
+        isinstance(value, str) if kind is str else number and (kind is float or float(value).is_integer()))
+    if not ok:
+        raise _format_error(path, f"metadata {key!r} is not a {kind.__name__}")
+    return kind(value) if kind in (int, float) else value
+
+
+def _dim(path: str | os.PathLike, reader: Any, key: str, hi: int = MAX_WIDTH, default: Any = None) -> int:
+    v = _field(path, reader, key, int, default)
+    if not 1 <= v <= hi:
+        raise _format_error(path, f"metadata {key!r} = {v} lies outside [1, {hi}]")
+    return v
+
+
+def _tq_ternary(path: str | os.PathLike, name: str, t: Any, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes ``(n, k)`` and float32 row scales ``(n,)`` of a TQ2_0/TQ1_0 tensor."""
+    gguf = _gguf()
+    qname = t.tensor_type.name
+    raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+    nb = k // BLOCK
+    if raw.size != n * nb * _TQ_BLOCK_BYTES[qname]:
+        raise _format_error(path, f"tensor {name!r} holds {raw.size} bytes, {qname} {n}x{k} needs "
+                                  f"{n * nb * _TQ_BLOCK_BYTES[qname]}")
+    blocks = raw.reshape(n, nb, _TQ_BLOCK_BYTES[qname])
+    d = np.ascontiguousarray(blocks[..., -2:]).view(np.float16).reshape(n, nb).astype(np.float32)
+    with np.errstate(all="ignore"):  # a non-finite scale is refused below
+        w = gguf.quants.dequantize(raw.reshape(n, -1), t.tensor_type).reshape(n, nb, BLOCK)
+    live = (w != 0).any(axis=-1)  # blocks with a non-zero weight; the scale of an all-zero block is free
+    if not np.isfinite(d[live]).all():
+        raise _format_error(path, f"tensor {name!r} has a non-finite block scale")
+    safe = np.where(live, d, 1.0)[..., None]
+    with np.errstate(all="ignore"):
+        q = w / safe
+    if not np.isin(q, (-1.0, 0.0, 1.0)).all():
+        raise _format_error(path, f"tensor {name!r} is not ternary (a {qname} code outside -1, 0, 1)")
+    first = np.where(live.any(axis=1), d[np.arange(n), live.argmax(axis=1)], 0.0).astype(np.float32)
+    if (live & (d != first[:, None])).any():
+        raise _format_error(path, f"tensor {name!r}: block scales vary within a row; tritium stores one scale "
+                                  "per row")
+    return torch.from_numpy(q.reshape(n, k).astype(np.int8)), torch.from_numpy(first)
+
+
+def _unpermute(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `_permute`: llama.cpp's rotary row order back to transformers'."""
+    return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def _config_from(path: str | os.PathLike, reader: Any) -> tuple[str, Any]:
+    """The llama.cpp architecture and the transformers config a GGUF file describes."""
+    import transformers
+
+    arch = _field(path, reader, "general.architecture", str)
+    if arch not in IMPORT_CLASSES:
+        raise _format_error(path, f"architecture {arch!r} is not supported; supported: {', '.join(IMPORT_CLASSES)}")
+    names = {t.name for t in reader.tensors}
+    hidden = _dim(path, reader, f"{arch}.embedding_length")
+    heads = _dim(path, reader, f"{arch}.attention.head_count", 2**16)
+    kv_heads = _dim(path, reader, f"{arch}.attention.head_count_kv", 2**16, heads)
+    head_dim = _dim(path, reader, f"{arch}.attention.key_length", MAX_WIDTH, max(hidden // heads, 1))
+    value_dim = _dim(path, reader, f"{arch}.attention.value_length", MAX_WIDTH, head_dim)
+    if value_dim != head_dim or heads % kv_heads or head_dim % 2:
+        raise _format_error(path, f"attention shape not supported: {heads} heads, {kv_heads} kv heads, key length "
+                                  f"{head_dim}, value length {value_dim}")
+    if arch == "llama":
+        rope_dim = _dim(path, reader, "llama.rope.dimension_count", MAX_WIDTH, head_dim)
+        if rope_dim != head_dim:
+            raise _format_error(path, f"partial rotary embeddings (rope dimension {rope_dim} of {head_dim}) are "
+                                      "not supported")
+    if _field(path, reader, f"{arch}.rope.scaling.type", str, "none") not in ("none", "linear") or \
+            f"{arch}.rope.scaling.factor" in reader.fields:
+        raise _format_error(path, "rope scaling is not supported")
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise _format_error(path, "tensor 'token_embd.weight' is missing")
+    vocab = _dim(path, reader, f"{arch}.vocab_size", 2**24, int(embed.shape[-1]) if len(embed.shape) == 2 else 1)
+    theta = _field(path, reader, f"{arch}.rope.freq_base", float, 10000.0)
+    eps = _field(path, reader, f"{arch}.attention.layer_norm_rms_epsilon", float)
+    if not (np.isfinite(theta) and theta > 0 and np.isfinite(eps) and eps > 0):
+        raise _format_error(path, f"rope theta {theta} or rms eps {eps} is not a positive number")
+    kw: dict[str, Any] = dict(
+        hidden_size=hidden, num_hidden_layers=_dim(path, reader, f"{arch}.block_count", MAX_LAYERS),
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=_dim(path, reader, f"{arch}.feed_forward_length"), vocab_size=vocab,
+        max_position_embeddings=_dim(path, reader, f"{arch}.context_length", 2**24),
+        rope_theta=theta, rms_norm_eps=eps, hidden_act="silu",
+        tie_word_embeddings="output.weight" not in names,
+    )
+    for key in ("bos", "eos", "pad"):
+        value = _field(path, reader, f"tokenizer.ggml.{key}_token_id", int, -1)
+        kw[f"{key}_token_id"] = value if 0 <= value < vocab else None
+    if arch == "llama":
+        kw["attention_bias"] = "blk.0.attn_q.bias" in names
+        kw["mlp_bias"] = "blk.0.ffn_gate.bias" in names
+        config = transformers.LlamaConfig(**kw)
+    else:
+        config = transformers.Qwen2Config(**kw, use_sliding_window=False)
+    config._name_or_path = _field(path, reader, "general.name", str, "")
+    return arch, config
+
+
+def _tokenizer_from(path: str | os.PathLike, reader: Any) -> Any:
+    """A ``tokenizers.Tokenizer`` for a ``gpt2`` vocabulary (byte-level BPE), else None."""
+    if _field(path, reader, "tokenizer.ggml.model", str, "none") != "gpt2":
+        return None
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    gguf = _gguf()
+    tokens = _field(path, reader, "tokenizer.ggml.tokens", list)
+    types = _field(path, reader, "tokenizer.ggml.token_type", list, [])
+    merges = _field(path, reader, "tokenizer.ggml.merges", list, [])
+    if types and len(types) != len(tokens) or not all(isinstance(t, str) for t in tokens + merges):
+        raise _format_error(path, "the gpt2 vocabulary is malformed (tokens, types or merges)")
+    vocab, added = {}, []
+    for i, tok in enumerate(tokens):
+        kind = types[i] if types else int(gguf.TokenType.NORMAL)
+        if kind == gguf.TokenType.UNUSED:
+            continue
+        if tok in vocab:
+            raise _format_error(path, f"the gpt2 vocabulary has token {tok!r} twice")
+        vocab[tok] = i
+        if kind in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
+            added.append((i, AddedToken(tok, special=kind == gguf.TokenType.CONTROL, normalized=False)))
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    if any(len(p) != 2 for p in pairs):
+        raise _format_error(path, "the gpt2 vocabulary has a malformed merge")
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        for _, token in sorted(added, key=lambda x: x[0]):
+            tok.add_special_tokens([token]) if token.special else tok.add_tokens([token])
+    except Exception as e:
+        raise _format_error(path, f"the gpt2 vocabulary is malformed ({' '.join(str(e).split())[:200]})") from None
+    bos = _field(path, reader, "tokenizer.ggml.bos_token_id", int, -1)
+    if _field(path, reader, "tokenizer.ggml.add_bos_token", bool, False) and 0 <= bos < len(tokens) \
+            and tokens[bos] in vocab:
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], bos)])
+    return tok
+
+
+def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """(model in eval mode, ``tokenizers.Tokenizer`` or None) from a GGUF file in TQ2_0 or TQ1_0.
+
+    The inverse of `export_gguf` for llama.cpp's ``llama`` and ``qwen2`` graphs: a ``llama`` file becomes a
+    transformers ``LlamaForCausalLM`` (a Mistral export too), a ``qwen2`` file a ``Qwen2ForCausalLM``. Linear
+    layers in TQ2_0/TQ1_0 become frozen `TernaryLinear` (``norm=None``) whose codes and fp16 block scales
+    are the file's (one scale per tensor when all rows share it, else per row; query/key rows back in
+    transformers' rotary order); the embedding, norms, biases and head are float32. A ``gpt2`` vocabulary
+    comes back as a byte-level BPE tokenizer, any other as None. The file is untrusted: anything
+    malformed or unsupported (another architecture or tensor type, block scales that vary within a row,
+    missing, extra or misshapen tensors) raises `tritium.io.TritiumFormatError` with one line saying why;
+    ImportError without the ``gguf`` package.
+    """
+    from ..models.transformers import from_config
+
+    gguf = _gguf()
+    reader = _read_gguf(path)
+    arch, config = _config_from(path, reader)
+    gtensors: dict[str, Any] = {}
+    for t in reader.tensors:
+        if t.name in gtensors:
+            raise _format_error(path, f"tensor {t.name!r} appears twice")
+        gtensors[t.name] = t
+    n_layers = config.num_hidden_layers
+    if n_layers > len(gtensors):
+        raise _format_error(path, f"{n_layers} blocks but only {len(gtensors)} tensors")
+    try:
+        model = from_config(IMPORT_CLASSES[arch], config.to_dict())
+    except ValueError as e:
+        raise _format_error(path, str(e)) from None
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layers)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    used: set[str] = set()
+
+    def tensor(name: str, shape: tuple[int, ...]) -> Any:
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        t = gtensors.get(gname) if gname else None
+        if t is None:
+            raise _format_error(path, f"tensor {gname or name!r} is missing")
+        got = tuple(int(x) for x in reversed(list(t.shape)))
+        if got != shape:
+            raise _format_error(path, f"tensor {gname!r} has shape {list(got)}, the model needs {list(shape)}")
+        used.add(gname)
+        return gname, t
+
+    def unpermuted(name: str, t: torch.Tensor) -> torch.Tensor:
+        if arch == "llama" and ".q_proj." in name:
+            return _unpermute(t, heads)
+        if arch == "llama" and ".k_proj." in name:
+            return _unpermute(t, kv_heads)
+        return t
+
+    def floats(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        gname, t = tensor(name, shape)
+        if t.tensor_type.name not in _FLOAT_NAMES:
+            raise _format_error(path, f"tensor {gname!r} is {t.tensor_type.name}; tritium imports F32, F16 or BF16 "
+                                      "here")
+        try:
+            data = np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)
+            data = data.reshape(shape).copy()
+        except ValueError:
+            raise _format_error(path, f"tensor {gname!r} does not hold {list(shape)} values") from None
+        return unpermuted(name, torch.from_numpy(data))
+
+    head = model.get_output_embeddings()
+    for mname, module in list(model.named_modules()):
+        leaf = mname.rsplit(".", 1)[-1]
+        is_head = module is head and not config.tie_word_embeddings
+        if module is head and config.tie_word_embeddings:
+            continue
+        if isinstance(module, nn.Linear) and (leaf in _LINEARS or is_head):
+            n, k = module.out_features, module.in_features
+            gname, t = tensor(mname + ".weight", (n, k))
+            qname = t.tensor_type.name
+            if qname not in _TQ_BLOCK_BYTES:
+                if is_head and qname in _FLOAT_NAMES:
+                    module.weight = nn.Parameter(floats(mname + ".weight", (n, k)))
+                    continue
+                raise _format_error(path, f"tensor {gname!r} is {qname}; tritium imports linear layers in TQ2_0 or "
+                                          "TQ1_0")
+            if k % BLOCK:
+                raise _format_error(path, f"tensor {gname!r} has {k} columns, not a multiple of {BLOCK}")
+            q, scale = _tq_ternary(path, gname, t, n, k)
+            q, scale = unpermuted(mname + ".", q), unpermuted(mname + ".", scale)
+            live = scale[(q != 0).any(dim=1)]
+            per_channel = bool(live.numel()) and not bool((live == live[0]).all())
+            layer = TernaryLinear(k, n, module.bias is not None, norm=None, per_channel=per_channel)
+            layer.weight_packed = kernels.pack(q).contiguous()
+            layer.weight_scale = scale.contiguous() if per_channel else (live[:1] if live.numel() else
+                                                                          torch.ones(1)).clone()
+            if module.bias is not None:
+                layer.bias = floats(mname + ".bias", (n,)).contiguous()
+            parent = model.get_submodule(mname.rpartition(".")[0])
+            setattr(parent, leaf, layer)
+        else:
+            for pname, p in list(module.named_parameters(recurse=False)):
+                full = f"{mname}.{pname}" if mname else pname
+                module._parameters[pname] = nn.Parameter(floats(full, tuple(p.shape)), requires_grad=p.requires_grad)
+    if config.tie_word_embeddings:
+        head.weight = model.get_input_embeddings().weight
+    model.config._name_or_path = config._name_or_path
+    extra = sorted(set(gtensors) - used)
+    if extra:
+        raise _format_error(path, f"tensor {extra[0]!r} has no place in the {arch} model")
+    for mname, module in list(model.named_modules()):  # rotary tables are computed, not stored
+        if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, leaf = mname.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, type(module)(config=model.config))
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise _format_error(path, f"no value for {name!r}")
+    tokenizer = _tokenizer_from(path, reader)
+    return model.eval(), tokenizer
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file that starts with the GGUF magic (nothing else is checked)."""
+    from ..io import TritiumFormatError, _open
+
+    try:
+        with _open(path) as f:
+            return f.read(4) == b"GGUF"
+    except (TritiumFormatError, OSError):
+        return False
+
+
+def describe_gguf(path: str | os.PathLike) -> dict:
+    """Architecture, tensor counts and bytes by type, and bits per weight of the TQ layers of a GGUF file.
+
+    Raises `tritium.io.TritiumFormatError` (one line) for a malformed file.
+    """
+    reader = _read_gguf(path)
+    arch = _field(path, reader, "general.architecture", str, "")
+    by_type: dict[str, dict[str, int]] = {}
+    for t in reader.tensors:
+        row = by_type.setdefault(t.tensor_type.name, {"tensors": 0, "values": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["values"] += int(t.n_elements)
+        row["bytes"] += int(t.n_bytes)
+    tq = [r for name, r in by_type.items() if name in _TQ_BLOCK_BYTES]
+    tq_values, tq_bytes = sum(r["values"] for r in tq), sum(r["bytes"] for r in tq)
+    return {
+        "file": os.fspath(path), "file_bytes": os.path.getsize(path), "format": "gguf",
+        "architecture": arch, "name": _field(path, reader, "general.name", str, ""),
+        "tokenizer": _field(path, reader, "tokenizer.ggml.model", str, "none"),
+        "tensors": len(reader.tensors), "by_type": by_type, "tensor_bytes": sum(r["bytes"] for r in by_type.values()),
+        "tq_bits_per_weight": 8 * tq_bytes / tq_values if tq_values else 0.0,
+    }
+
+
+def format_gguf_info(d: dict) -> str:
+    """The human-readable summary of `describe_gguf` (non-printable characters escaped)."""
+    from ..io import _printable
+
+    out = [f"{_printable(d['file'])}: GGUF, {d['file_bytes']:,} bytes, architecture {_printable(d['architecture'])!s}"
+           + (f", {_printable(d['name'])}" if d["name"] else "") + f", tokenizer {_printable(d['tokenizer'])}"]
+    out.append(f"{'type':<8} {'tensors':>8} {'values':>14} {'bytes':>14} {'bits/w':>7}")
+    for name, r in sorted(d["by_type"].items()):
+        bits = 8 * r["bytes"] / r["values"] if r["values"] else 0.0
+        out.append(f"{name:<8} {r['tensors']:>8,} {r['values']:>14,} {r['bytes']:>14,} {bits:>7.3f}")
+    out.append(f"{d['tensors']:,} tensors, {d['tensor_bytes']:,} bytes of tensor data"
+               + (f"; ternary (TQ) layers at {d['tq_bits_per_weight']:.3f} bits/weight incl. block scales"
+                  if d["tq_bits_per_weight"] else ""))
+    return "\n".join(out)
