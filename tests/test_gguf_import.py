@@ -248,3 +248,15 @@ def test_ternary_head_imports_as_ternary(tmp_path):
     ids = torch.randint(0, 512, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, back(ids).logits)
+
+
+def test_load_pretrained_and_generate_read_gguf(exported, capsys):
+    model, tok = tritium.load_pretrained(exported)
+    ref, _ = import_gguf(exported)
+    ids = torch.tensor([tok.encode(SAMPLE[:40]).ids])
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert main(["generate", str(exported), "--prompt", SAMPLE[:20], "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    g = tritium.generate(model, SAMPLE[:20], tok, max_new_tokens=4)
+    assert out.out.strip() == g.text.strip() and "decode" in out.err

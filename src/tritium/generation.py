@@ -71,15 +71,19 @@ class Generation:
 
 
 def load_pretrained(path: PathLike, model: nn.Module | None = None) -> tuple[nn.Module, object | None]:
-    """(model in eval mode, ``tokenizers.Tokenizer`` or None) from a file written by `tritium.save`.
+    """(model in eval mode, ``tokenizers.Tokenizer`` or None) from a file written by `tritium.save`, or from a
+    llama.cpp GGUF file with TQ2_0/TQ1_0 linear layers (`tritium.formats.gguf.import_gguf`).
 
     Without ``model`` the architecture is rebuilt from the transformers class and config the file stores;
     a file without them (saved from a model that has no transformers config) raises `TritiumFormatError`
     asking for ``model``, a skeleton of the saved architecture (see `tritium.load`). A malformed file,
     config or tokenizer raises `TritiumFormatError`.
     """
+    from .formats.gguf import import_gguf, is_gguf
     from .models.transformers import from_config
 
+    if model is None and is_gguf(path):  # a llama.cpp file: see tritium.formats.gguf.import_gguf
+        return import_gguf(path)
     header = read_header(path)
     if model is None:
         model_class, config = header.metadata.get("model_class"), header.model_config
