@@ -33,3 +33,63 @@ def test_bench_model_tiny(tmp_path, monkeypatch, capsys):
     assert r["ratios"]["linear_weight_ratio"] > 8
     for v in r["variants"].values():
         assert v["tokens_per_s"] > 0 and v["peak_rss_mb"] > 0
+
+
+def _in_process(monkeypatch) -> list[str]:
+    calls = []
+
+    def spawn(variant, args, work):
+        calls.append(variant)
+        assert cli_main(bench._worker_cmd(variant, args, work)[3:]) == 0
+
+    monkeypatch.setattr(bench, "_spawn", spawn)
+    return calls
+
+
+TINY_PEERS = ["bench", "model", "--quick", "--peers", "--hidden", "256", "--layers", "1", "--intermediate", "256",
+              "--heads", "4", "--vocab", "64", "--tokens", "3"]
+
+
+def test_bench_model_peers_tiny(tmp_path, monkeypatch, capsys):
+    """With llama-cpp-python, --peers times llama.cpp on the PRESET model's GGUF files and reports the ratios."""
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError) as e:
+        pytest.skip(f"llama-cpp-python is not usable ({type(e).__name__}: {e})")
+    calls = _in_process(monkeypatch)
+    out = tmp_path / "bench.json"
+    assert cli_main([*TINY_PEERS, "--json", str(out)]) == 0
+    assert calls == list(bench.VARIANTS + bench.PEERS)
+    text = capsys.readouterr().out
+    assert "llamacpp-tq2_0" in text and "llamacpp-tq1_0" in text and "norm=None" in text
+    assert "tritium / llama.cpp speed" in text
+    p = json.loads(out.read_text())["peers"]
+    assert set(p["variants"]) == set(bench.PEERS)
+    for v in p["variants"].values():
+        assert v["tokens_per_s"] > 0 and v["prefill_ms"] > 0 and v["peak_rss_mb"] > 0
+    for ours in ("preset", "ternary"):
+        for q in ("tq2_0", "tq1_0"):
+            assert p["ratios"][f"decode_{ours}_vs_llamacpp_{q}"] > 0
+            assert p["ratios"][f"prefill_{ours}_vs_llamacpp_{q}"] > 0
+    assert p["sizes"]["file_bytes_tq1_0"] < p["sizes"]["file_bytes_tq2_0"]
+    assert "greedy tokens equal to preset's" in text
+    assert set(p["greedy_tokens_same_as_preset"]) == {"llamacpp-tq2_0", "llamacpp-tq1_0"}
+    assert all(0 <= n <= 3 for n in p["greedy_tokens_same_as_preset"].values())
+
+
+def test_bench_model_peers_skipped_without_llama_cpp(tmp_path, monkeypatch, capsys):
+    """Without llama-cpp-python, --peers says in one line that llama.cpp is skipped and why; no error."""
+    monkeypatch.setattr(bench, "_llama_cpp", lambda: (None, "ImportError: No module named 'llama_cpp'"))
+    calls = _in_process(monkeypatch)
+    out = tmp_path / "bench.json"
+    assert cli_main([*TINY_PEERS, "--json", str(out)]) == 0
+    assert calls == list(bench.VARIANTS)
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "llama_cpp" in skipped[0]
+    assert "llama_cpp" in json.loads(out.read_text())["peers"]["skipped"]
+
+
+def test_bench_model_peers_needs_tq_block_widths(capsys):
+    argv = ["bench", "model", "--peers", "--hidden", "32", "--heads", "4", "--intermediate", "48"]
+    assert cli_main(argv) == 2
+    assert "multiples of 256" in capsys.readouterr().err
