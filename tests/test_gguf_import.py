@@ -4,7 +4,6 @@ malformed or unsupported files are refused with `TritiumFormatError`."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import tritium  # noqa: E402
+from test_gguf import SAMPLE, ternary_layers, tiny, train_tokenizer  # noqa: E402
 from tritium.cli import main  # noqa: E402
 from tritium.formats import import_gguf  # noqa: E402
 from tritium.formats.gguf import PRESET, describe_gguf  # noqa: E402
 from tritium.io import TritiumFormatError  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_gguf import SAMPLE, ternary_layers, tiny, train_tokenizer  # noqa: E402
 
 
 def frozen(arch: str = "llama", granularity: str = "tensor", **kw) -> torch.nn.Module:

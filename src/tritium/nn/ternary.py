@@ -96,15 +96,21 @@ class _StraightThrough(torch.autograd.Function):
     def forward(ctx, x, packed, n, k, scale, bias):
         ctx.save_for_backward(packed, scale)
         ctx.shape = (n, k)
-        if torch.compiler.is_compiling():
-            return torch.ops.tritium.ternary_linear(x, packed, n, k, scale, bias)
-        return kernels._ternary_linear_impl(x, packed, n, k, scale, bias)
+        return _product(x, packed, n, k, scale, bias)
 
     @staticmethod
     def backward(ctx, dy):
         packed, scale = ctx.saved_tensors
         w = _dequantize(packed, scale, *ctx.shape).to(dy.dtype)
         return dy @ w, None, None, None, None, None
+
+
+def _product(x: Tensor, packed: Tensor, n: int, k: int, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``quantize_act(x, 8)`` + ``ternary_matmul`` in one native call, bit-identical to the composition; in
+    eager mode the op's implementation is called directly (saves the custom-op dispatch at decode)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.tritium.ternary_linear(x, packed, n, k, scale, bias)
+    return kernels._ternary_linear_impl(x, packed, n, k, scale, bias)
 
 
 def _dequantize(packed: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
@@ -218,15 +224,8 @@ class TernaryLinear(nn.Module):
             return x.new_zeros(*x.shape[:-1], n)
         if xf.requires_grad and torch.is_grad_enabled():
             y = _StraightThrough.apply(xf, packed, n, k, scale, bias)
-            if x.dim() != 2:
-                y = y.view(*x.shape[:-1], n)
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
-        # quantize_act(xf, 8) + ternary_matmul in one native call, bit-identical to the composition; in
-        # eager mode the op's implementation is called directly (saves the custom-op dispatch at decode).
-        if torch.compiler.is_compiling():
-            y = torch.ops.tritium.ternary_linear(xf, packed, n, k, scale, bias)
         else:
-            y = kernels._ternary_linear_impl(xf, packed, n, k, scale, bias)
+            y = _product(xf, packed, n, k, scale, bias)
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], n)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
