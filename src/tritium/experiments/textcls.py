@@ -4,6 +4,12 @@ Training: AdamW, linear learning-rate decay to zero over all steps, cross-entrop
 shuffled documents. The word embedding gets sparse gradients and `tritium.optim.LazyAdamW`, which gives
 every row AdamW's update at every step (the same float32 arithmetic as a dense update) but applies the
 zero-gradient updates of a row only when a forward next reads it.
+
+Input features (``--features``, `tritium.data.textcls`): ``words`` (the default) or ``wordpiece`` (a
+bert-base-uncased-style WordPiece tokenizer trained on the training split, as the paper's input layer reads
+BERT WordPiece ids). A run config names its features only when they are not ``words``, so words runs keep
+the keys of the results recorded before the option existed; every row records them as "features" (rows
+without the field are words runs, and the report reads them so).
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ import argparse
 import math
 from pathlib import Path
 
-from tritium.args import comma_list, nonnegative_int, positive_int
+from tritium.args import choice_list, comma_list, nonnegative_int, positive_int
 
 METRIC = "test_acc"
 HIGHER_IS_BETTER = True
-GROUP_BY = ("input_layer", "dataset")
+GROUP_BY = ("input_layer", "features", "dataset")
+FEATURES = ("words", "wordpiece")
+DEFAULT_FEATURES = "words"
+_features = choice_list(*FEATURES)
 #: Test accuracy (%) of Nielsen et al. (2024), Table 1.
 PAPER = {
     "fp32": {"20ng": 83.31, "R8": 97.27, "R52": 93.89, "ohsumed": 63.95, "MR": 76.72},
@@ -37,6 +46,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-layer", choices=("embedding", "linear"), default=None,
                         help="embedding: EmbeddingBag kept in full precision (paper); linear: a Linear over "
                              "the bag-of-words vector, quantized too")
+    parser.add_argument("--features", type=_features, default=None,
+                        help="comma list of input features: words (lowercased words, the default) or wordpiece "
+                             "(a bert-base-uncased-style WordPiece tokenizer trained on the training split)")
+
+
+def features_of(args: argparse.Namespace, protocol: dict) -> list[str]:
+    """The input features to run: ``--features``, else the protocol's, else words; ValueError if unknown or
+    if wordpiece is asked for without the ``tokenizers`` package."""
+    value = getattr(args, "features", None) or protocol.get("features") or DEFAULT_FEATURES
+    try:
+        features = list(dict.fromkeys(_features(value).split(",")))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--features: {e}") from None
+    if "wordpiece" in features:
+        try:
+            import tokenizers  # noqa: F401
+        except ImportError:
+            raise ValueError("--features wordpiece needs the tokenizers package: "
+                             "pip install 'tritium[transformers]'") from None
+    return features
 
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
@@ -44,8 +73,9 @@ def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
 
     hyper = {k: getattr(args, k, None) if getattr(args, k, None) is not None else protocol[k] for k in HYPER}
     datasets = [d.strip() for d in str(args.dataset).split(",") if d.strip()]
-    return [{"task": "mlp", "dataset": d, "precision": p, "seed": s, "model": "widemlp", **hyper}
-            for d in datasets for s in seeds(args) for p in precisions(args)]
+    return [{"task": "mlp", "dataset": d, "precision": p, "seed": s, "model": "widemlp", **hyper,
+             **({} if f == DEFAULT_FEATURES else {"features": f})}
+            for d in datasets for f in features_of(args, protocol) for s in seeds(args) for p in precisions(args)]
 
 
 def _accuracy(model, split, precision, batch_size: int = 1024) -> float:
@@ -72,7 +102,9 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
 
     from .runner import progress
 
-    ds = load_text_gcn(cfg["dataset"], args.data_dir, cfg["min_count"], cfg["val_fraction"], cfg["split_seed"])
+    features = cfg.get("features", DEFAULT_FEATURES)
+    ds = load_text_gcn(cfg["dataset"], args.data_dir, cfg["min_count"], cfg["val_fraction"], cfg["split_seed"],
+                       features)
     torch.manual_seed(cfg["seed"])
     model = WideMLP(len(ds.vocab), len(ds.classes), cfg["hidden"], cfg["dropout"], cfg["input_layer"])
     precision = tritium.parse_precision(cfg["precision"])
@@ -117,21 +149,24 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         "test_acc": test_acc, "last_val_acc": _accuracy(model, ds.val, precision), "best_val_acc": best_val,
         "test_acc_at_best_val": test_at_best, "final_train_loss": curves["train_loss"][-1],
         "vocab_size": len(ds.vocab), "n_train": len(ds.train), "n_val": len(ds.val), "n_test": len(ds.test),
-        "curves": curves, **tritium.summary(model).as_dict(),
+        "curves": curves, **tritium.summary(model).as_dict(), **({} if "features" in cfg else {"features": features}),
+        **({"tokenizer_sha256": ds.tokenizer} if ds.tokenizer else {}),
     }
 
 
 def report(rows: list[dict], out: Path) -> str:
-    """Validation accuracies and data sizes per dataset and precision."""
+    """Test accuracy against the paper, validation accuracies and data sizes per input layer, features,
+    dataset and precision (rows without "features" count as words)."""
     from .report import paper_comparison, summary_table
 
-    published = {("embedding", d, p): v for p, per in PAPER.items() for d, v in per.items()}
+    rows = [r if r.get("features") else {**r, "features": DEFAULT_FEATURES} for r in rows]
+    published = {("embedding", f, d, p): v for p, per in PAPER.items() for d, v in per.items() for f in FEATURES}
     parts = ["### WideMLP: test accuracy against the paper", "", paper_comparison(rows, GROUP_BY, METRIC, published),
              "### WideMLP: best validation accuracy", "", summary_table(rows, GROUP_BY, "best_val_acc"),
              "### WideMLP: test accuracy at the epoch of best validation accuracy", "",
              summary_table(rows, GROUP_BY, "test_acc_at_best_val")]
-    sizes = {r["dataset"]: r for r in rows}
-    parts += ["### Data", "", "| dataset | vocab | train | val | test |", "|---|---:|---:|---:|---:|"]
-    parts += [f"| {d} | {r['vocab_size']} | {r['n_train']} | {r['n_val']} | {r['n_test']} |"
-              for d, r in sizes.items()]
+    sizes = {(r["dataset"], r["features"]): r for r in rows}
+    parts += ["### Data", "", "| dataset | features | vocab | train | val | test |", "|---|---|---:|---:|---:|---:|"]
+    parts += [f"| {d} | {f} | {r['vocab_size']} | {r['n_train']} | {r['n_val']} | {r['n_test']} |"
+              for (d, f), r in sizes.items()]
     return "\n".join(parts) + "\n"
