@@ -12,8 +12,9 @@ from torch import nn
 
 import tritium
 from tritium.cli import main
+from tritium.formats.native import TritiumFormatError, load_tokenizer
 from tritium.generation import generate, load_pretrained
-from tritium.io import TritiumFormatError, describe, load_tokenizer
+from tritium.info import describe
 
 tf = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -18,8 +18,9 @@ import tritium  # noqa: E402
 from test_gguf import SAMPLE, ternary_layers, tiny, train_tokenizer  # noqa: E402
 from tritium.cli import main  # noqa: E402
 from tritium.formats import import_gguf  # noqa: E402
-from tritium.formats.gguf import PRESET, describe_gguf  # noqa: E402
-from tritium.io import TritiumFormatError  # noqa: E402
+from tritium.formats.gguf import PRESET  # noqa: E402
+from tritium.formats.native import TritiumFormatError  # noqa: E402
+from tritium.info import describe_gguf  # noqa: E402
 
 
 def frozen(arch: str = "llama", granularity: str = "tensor", **kw) -> torch.nn.Module:

@@ -12,7 +12,9 @@ from torch import nn
 import tritium
 from tritium import TernaryLinear, freeze, load, quantize, save
 from tritium.cli import main as cli_main
-from tritium.io import Checkpoint, TritiumFormatError, pack_2bit, pack_base3, unpack_stored
+from tritium.formats import codecs
+from tritium.formats.native import Checkpoint, TritiumFormatError
+from tritium.info import describe
 
 
 def _mlp():
@@ -101,7 +103,7 @@ def test_sizes(tmp_path):
     for storage in ("2bit", "base3"):
         save(model, tmp_path / storage, storage=storage)
         sizes[storage] = os.path.getsize(tmp_path / storage)
-        info = tritium.io.describe(tmp_path / storage)
+        info = describe(tmp_path / storage)
         assert info["layers"][0]["bits_per_weight"] <= {"2bit": 2.0, "base3": 1.6}[storage]
     overhead = 1024  # header and the one scale
     assert sizes["2bit"] <= 256 * 120 * 2.05 / 8 + overhead
@@ -111,10 +113,10 @@ def test_sizes(tmp_path):
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 7), (5, 5), (2, 13), (4, 16)])
 def test_packing_round_trip(n, k):
     q = torch.randint(-1, 2, (n, k), dtype=torch.int8)
-    assert pack_2bit(q).shape == (n, (k + 3) // 4)
-    assert pack_base3(q).numel() == -(-n * k // 5)
-    assert torch.equal(unpack_stored("x", "2bit", pack_2bit(q), n, k), q)
-    assert torch.equal(unpack_stored("x", "base3", pack_base3(q), n, k), q)
+    assert codecs.pack("2bit", q).shape == (n, (k + 3) // 4)
+    assert codecs.pack("base3", q).numel() == -(-n * k // 5)
+    assert torch.equal(codecs.unpack("2bit", codecs.pack("2bit", q), n, k), q)
+    assert torch.equal(codecs.unpack("base3", codecs.pack("base3", q), n, k), q)
 
 
 def test_transformers_model_meta_skeleton_tied(tmp_path):

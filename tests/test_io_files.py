@@ -11,22 +11,19 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import tritium
 from helpers import deadline
 from tritium import freeze, load, quantize, save
 from tritium.cli import main as cli_main
-from tritium.io import (
+from tritium.formats import codecs, native
+from tritium.formats.native import (
     MAX_HEADER_BYTES,
     MAX_JSON_ITEMS,
     MAX_TENSORS,
     Checkpoint,
     TritiumFormatError,
-    _check_2bit,
-    describe,
-    pack_2bit,
     read_header,
-    unpack_stored,
 )
+from tritium.info import describe
 
 META = {"format": "tritium", "format_version": "1", "layers": "{}", "aliases": "{}"}
 
@@ -90,7 +87,7 @@ def test_json_item_cap(tmp_path):
 
 
 def test_many_layer_records_and_aliases(tmp_path, monkeypatch):
-    monkeypatch.setattr(tritium.io, "MAX_TENSORS", 4)
+    monkeypatch.setattr(native, "MAX_TENSORS", 4)
     layers = {f"l{i}": {"kind": "linear", "in_features": 1, "out_features": 1, "bias": False} for i in range(5)}
     _refused(_write(tmp_path / "l", {"__metadata__": dict(META, layers=json.dumps(layers))}), "'layers' has 5")
     aliases = {f"a{i}": "t" for i in range(5)}
@@ -210,7 +207,7 @@ def test_save_refuses_invalid_codes_and_scales(tmp_path):
 
 
 def test_save_refuses_too_many_tensors(tmp_path, monkeypatch):
-    monkeypatch.setattr(tritium.io, "MAX_TENSORS", 3)
+    monkeypatch.setattr(native, "MAX_TENSORS", 3)
     with pytest.raises(ValueError, match="more than the 3 a file may hold"):
         save(_frozen(), tmp_path / "m")
 
@@ -226,7 +223,7 @@ def test_save_refuses_what_the_loader_cannot_read(tmp_path):
 def test_all_dtypes_round_trip(tmp_path):
     model = nn.Module()
     values = torch.tensor([0.0, 1.5, -2.0, 3.0])
-    for i, dtype in enumerate(tritium.io._DTYPES.values()):
+    for i, dtype in enumerate(native._DTYPES.values()):
         model.register_buffer(f"b{i}", values.to(dtype).reshape(2, 2))
     model.register_buffer("scalar", torch.tensor(7, dtype=torch.int64))
     save(model, tmp_path / "m")
@@ -258,7 +255,7 @@ def test_load_returns_eval_mode(tmp_path):
 def test_in_place_2bit_check_agrees_with_unpacking(n, k, data):
     q = torch.tensor(data.draw(st.lists(st.integers(-1, 1), min_size=n * k, max_size=n * k)),
                      dtype=torch.int8).reshape(n, k)
-    p = pack_2bit(q)
+    p = codecs.pack("2bit", q)
     i, j = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, p.shape[1] - 1))
     p[i, j] = data.draw(st.integers(0, 255))
 
@@ -269,7 +266,7 @@ def test_in_place_2bit_check_agrees_with_unpacking(n, k, data):
             return False
         return True
 
-    assert ok(lambda: _check_2bit("x", p, k)) == ok(lambda: unpack_stored("x", "2bit", p, n, k))
+    assert ok(lambda: codecs.check("2bit", p, n, k, "x")) == ok(lambda: codecs.unpack("2bit", p, n, k, "x"))
 
 
 # ------------------------------------------------------------------------------------ found by fuzzing
@@ -293,7 +290,7 @@ def test_bitlinear_config_that_does_not_fit_the_layer(tmp_path):
 
 
 def test_save_refuses_a_header_above_the_cap(tmp_path, monkeypatch):
-    monkeypatch.setattr(tritium.io, "MAX_HEADER_BYTES", 100)
+    monkeypatch.setattr(native, "MAX_HEADER_BYTES", 100)
     with pytest.raises(ValueError, match="MAX_HEADER_BYTES"):
         save(_frozen(), tmp_path / "m")
     assert os.listdir(tmp_path) == []
@@ -349,7 +346,7 @@ def test_save_writes_only_files_that_load_reads_back(data):
         except ValueError:
             event("freeze refused")
             return
-    for i, dtype in enumerate(data.draw(st.lists(st.sampled_from(list(tritium.io._DTYPES.values())), max_size=3))):
+    for i, dtype in enumerate(data.draw(st.lists(st.sampled_from(list(native._DTYPES.values())), max_size=3))):
         model.register_buffer(f"buf{i}", torch.arange(6).to(dtype).reshape(2, 3))
     storage = data.draw(st.sampled_from(["2bit", "base3"]))
     with tempfile.TemporaryDirectory() as folder:

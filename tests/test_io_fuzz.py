@@ -24,7 +24,8 @@ from torch import nn
 from helpers import deadline
 from tritium import freeze, load, quantize, save
 from tritium.cli import main as cli_main
-from tritium.io import Checkpoint, TritiumFormatError, describe, read_header
+from tritium.formats.native import Checkpoint, TritiumFormatError, read_header
+from tritium.info import describe
 
 EXAMPLES = int(os.environ.get("TRITIUM_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("TRITIUM_FUZZ_RANDOM"),

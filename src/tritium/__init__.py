@@ -9,8 +9,8 @@ llama.cpp (`export`).
 from .config import BitConfig, Precision, format_spec, parse_precision, parse_spec
 from .convert import LambdaWarmup, freeze, ptq, quantize, set_lambda, summary
 from .formats import export
+from .formats.native import load, save
 from .generation import generate, load_pretrained
-from .io import load, save
 from .nn import BitLinear, TernaryLinear
 
 __version__ = "0.1.0"

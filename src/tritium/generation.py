@@ -23,7 +23,7 @@ from torch import nn
 
 from .args import UsageError, _ranged, comma_list, existing_file, nonnegative_float, nonnegative_int
 from .args import positive_int as _positive_int
-from .io import PathLike, TritiumFormatError, _printable, load, load_tokenizer, read_header
+from .formats.native import PathLike, TritiumFormatError, _printable, load, load_tokenizer, read_header
 
 top_p_value = _ranged(float, lambda x: 0 < x <= 1, "a number > 0 and <= 1", "A number in (0, 1].")
 

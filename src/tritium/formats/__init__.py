@@ -1,5 +1,9 @@
-"""Export to other inference formats: `export` and ``tritium export FILE OUT`` (GGUF for llama.cpp);
-`import_gguf` reads such a GGUF file back.
+"""File formats. `tritium.formats.native` is tritium's own file (`tritium.save`, `tritium.load`),
+`tritium.formats.codecs` the table of packed ternary layouts every format shares, `tritium.formats.gguf`
+llama.cpp's GGUF; a malformed file of any format raises `TritiumFormatError`.
+
+This module exports to other inference formats: `export` and ``tritium export FILE OUT`` (GGUF for
+llama.cpp); `import_gguf` reads such a GGUF file back.
 
 See `tritium.formats.gguf` for the models that map onto llama.cpp's graph (quantize with
 `tritium.formats.gguf.PRESET`) and what differs numerically.
@@ -15,6 +19,11 @@ from torch import nn
 from ..args import UsageError, existing_file, output_file
 
 FORMATS = ("gguf",)
+
+
+class TritiumFormatError(ValueError):
+    """A file (native tritium, GGUF, ...) or packed weight that is malformed or unsupported, or a file that does
+    not fit the model it is loaded into; the message is one line saying why."""
 
 
 def export(
@@ -45,7 +54,7 @@ def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, object | None]:
     """(model in eval mode, ``tokenizers.Tokenizer`` or None) from a llama.cpp GGUF file in TQ2_0 or TQ1_0.
 
     The inverse of ``export(model, path, "gguf")`` for Llama, Mistral and Qwen2 decoders; see
-    `tritium.formats.gguf.import_gguf`. Raises `tritium.io.TritiumFormatError` (one line, why) for a
+    `tritium.formats.gguf.import_gguf`. Raises `TritiumFormatError` (one line, why) for a
     malformed or unsupported file, ImportError without the ``gguf`` package.
     """
     from .gguf import import_gguf as _import
@@ -69,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``tritium export``: a bad file or a model that does not map is a usage error (one line, exit 2)."""
     from ..generation import load_pretrained
-    from ..io import TritiumFormatError, _printable
     from .gguf import GGUFExportError
+    from .native import _printable
 
     try:
         model, tokenizer = load_pretrained(args.file)
@@ -87,4 +96,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["FORMATS", "export", "import_gguf"]
+__all__ = ["FORMATS", "TritiumFormatError", "export", "import_gguf"]

@@ -4,10 +4,11 @@
 whose linear layers are ternary (`BitLinear` during training or `TernaryLinear` after `tritium.freeze`) as
 one GGUF file: the seven linear layers of every block in ``TQ2_0`` (2 bits per weight plus one fp16 scale
 per 256 weights, 2.06 bits) or ``TQ1_0`` (base-3, 1.69 bits); the token embedding, the norms and a
-full-precision output head in F32 (or F16 for the embedding and head). Tensor names, metadata keys and the
-packing are those of the ``gguf`` package (the llama.cpp project's own writer and quantizers), mapped as
-llama.cpp's ``convert_hf_to_gguf.py`` maps them, including its row permutation of the query and key
-weights for the ``llama`` graph's rotary layout.
+full-precision output head in F32 (or F16 for the embedding and head). Tensor names and metadata keys are
+those of the ``gguf`` package (the llama.cpp project's own writer), mapped as llama.cpp's
+``convert_hf_to_gguf.py`` maps them, including its row permutation of the query and key weights for the
+``llama`` graph's rotary layout; the TQ blocks are packed by `tritium.formats.codecs`, byte for byte as the
+``gguf`` package's quantizers pack them.
 
 **Which models map onto llama.cpp's graph.** llama.cpp's Llama graph multiplies each linear layer's input
 as it is: it has no place for `BitLinear`'s parameter-free input norm. A model maps when every linear layer
@@ -42,13 +43,16 @@ tokenizers are refused; without one the file has no vocabulary (``tokenizer.ggml
 llama.cpp runs it on token ids.
 
 `import_gguf` reads such a file back (TQ2_0/TQ1_0 layers as frozen `TernaryLinear`, the rest as float32,
-the ``gpt2`` vocabulary as a tokenizer), and `describe_gguf` summarizes one for ``tritium info``.
+the ``gpt2`` vocabulary as a tokenizer); `tritium.info.describe_gguf` summarizes one for ``tritium info``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +63,7 @@ from torch import nn
 from .. import atomic, kernels
 from ..config import BitConfig
 from ..nn import BitLinear, TernaryLinear
+from . import codecs
 
 #: The `BitConfig` whose layers map onto llama.cpp's graph: ternary, absmedian per tensor, 8-bit
 #: activations, no input norm. Use ``tritium.quantize(model, PRESET)``.
@@ -220,7 +225,7 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 
 def _tokenizer_json(tokenizer: object) -> dict:
-    from ..io import tokenizer_json
+    from .native import tokenizer_json
 
     try:
         return json.loads(tokenizer_json(tokenizer))
@@ -360,9 +365,8 @@ def export_gguf(
 
     tensors: list[tuple[str, np.ndarray, Any]] = []
     for name, layer in plan.ternary.items():
-        w = layer.q.float() * layer.scale.reshape(-1, 1)  # exactly +-s or 0: each block's absmax is its row's s
-        w = permuted(name, w).contiguous().numpy()
-        tensors.append((gguf_name(name), gguf.quants.quantize(w, q_type), q_type))
+        packed = codecs.pack(qtype, permuted(name, layer.q), permuted(name, layer.scale))  # = gguf's quantizer
+        tensors.append((gguf_name(name), packed.numpy(), q_type))
         if layer.bias is not None:
             bias_name = name.removesuffix(".weight") + ".bias"
             tensors.append((gguf_name(bias_name), permuted(bias_name, layer.bias).contiguous().numpy(), None))
@@ -414,28 +418,200 @@ def export_gguf(
 
 # ------------------------------------------------------------------------------------------------ import
 
-#: Bounds on what an imported GGUF file may declare (the file is untrusted).
+#: Bounds on what an imported GGUF file may declare (the file is untrusted), checked while its header is read,
+#: so that time and memory stay proportional to the file's size.
 MAX_FILE_BYTES = 2**40
 MAX_GGUF_TENSORS = 2**17
+#: Metadata key/value pairs (a llama.cpp model has about 40).
+MAX_GGUF_FIELDS = 2**16
+#: Values in all metadata arrays together (a 128k-token vocabulary with its merges and types: about 540,000).
+MAX_GGUF_ARRAY_ITEMS = 2**22
+#: Nesting of metadata arrays (an array of arrays of scalars: 2).
+MAX_GGUF_DEPTH = 2
+MAX_GGUF_DIMS = 4
 MAX_LAYERS = 4096
 MAX_WIDTH = 2**20
 #: llama.cpp architecture -> the transformers class an imported file becomes (a Mistral file imports as Llama).
 IMPORT_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_TQ_BLOCK_BYTES = {"TQ2_0": 66, "TQ1_0": 54}  # the block's fp16 scale is its last two bytes
+_TQ_CODECS = {"TQ2_0": "tq2_0", "TQ1_0": "tq1_0"}  # GGML type -> `tritium.formats.codecs` layout
 _FLOAT_NAMES = ("F32", "F16", "BF16")
+_GGUF_VERSIONS = (2, 3)
+_GGUF_ALIGNMENT = 32
+_VALUE_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_TYPED = {"F32": "f4", "F16": "f2", "F64": "f8", "I8": "i1", "I16": "i2", "I32": "i4", "I64": "i8"}
+_MALFORMED = object()  # the value of a metadata field whose strings are not UTF-8
 
 
 def _format_error(path: str | os.PathLike, msg: str) -> Exception:
-    from ..io import TritiumFormatError, _printable
+    from .native import TritiumFormatError, _printable
 
     return TritiumFormatError(_printable(f"{os.fspath(path)}: {msg}"))
 
 
-def _read_gguf(path: str | os.PathLike) -> Any:
-    """The ``gguf.GGUFReader`` of a regular file of bounded size; `TritiumFormatError` for anything else."""
-    from ..io import _open
+@dataclass
+class _GGUFTensor:
+    """One tensor of a GGUF file: ``shape`` in ggml order (row length first), ``data`` a read-only view of
+    its bytes (typed for F32/F16/F64 and the integer types, uint8 rows of blocks for the others)."""
 
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+    data: np.ndarray
+
+
+@dataclass
+class _GGUFFile:
+    """The parsed header of a GGUF file: metadata values by key and the tensors in file order."""
+
+    fields: dict[str, Any]
+    tensors: list[_GGUFTensor]
+    big_endian: bool
+
+
+class _Header:
+    """A cursor over the header bytes of a GGUF file that refuses to read past its end."""
+
+    def __init__(self, path: str | os.PathLike, buf: Any, size: int) -> None:
+        self.path, self.buf, self.size, self.pos, self.order = path, buf, size, 0, "<"
+
+    def fail(self, msg: str) -> Exception:
+        return _format_error(self.path, f"malformed GGUF file ({msg})")
+
+    def take(self, n: int, what: str) -> int:
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} runs past the end of the file")
+        self.pos += n
+        return self.pos - n
+
+    def num(self, fmt: str, what: str) -> Any:
+        return struct.unpack_from(self.order + fmt, self.buf, self.take(struct.calcsize("<" + fmt), what))[0]
+
+    def text(self, what: str) -> Any:
+        n = self.num("Q", what)
+        start = self.take(n, what)
+        try:
+            return bytes(self.buf[start: start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            return _MALFORMED
+
+
+def _parse_gguf(path: str | os.PathLike, buf: Any, size: int) -> _GGUFFile:
+    """The metadata and tensor table of a GGUF file held in ``buf`` (``size`` bytes), with every count,
+    length, type, shape and offset checked against the file and the MAX_GGUF_* bounds."""
     gguf = _gguf()
+    h = _Header(path, buf, size)
+    h.take(4, "the magic")
+    version = h.num("I", "the version")
+    if version & 0xFFFF == 0:  # written on a big-endian host
+        h.order, version = ">", struct.unpack("<I", struct.pack(">I", version))[0]
+    if version not in _GGUF_VERSIONS:
+        raise h.fail(f"version {version} is not supported; supported: {', '.join(map(str, _GGUF_VERSIONS))}")
+    n_tensors, n_fields = h.num("Q", "the tensor count"), h.num("Q", "the metadata count")
+    if n_tensors > MAX_GGUF_TENSORS:
+        raise _format_error(path, f"{n_tensors} tensors exceeds MAX_GGUF_TENSORS ({MAX_GGUF_TENSORS})")
+    if n_fields > MAX_GGUF_FIELDS:
+        raise _format_error(path, f"{n_fields} metadata fields exceeds MAX_GGUF_FIELDS ({MAX_GGUF_FIELDS})")
+    items = 0
+
+    def value(vtype: int, depth: int, key: str) -> Any:
+        nonlocal items
+        what = f"metadata {key!r}"
+        fmt = _VALUE_FORMATS.get(vtype)
+        if fmt is not None:
+            return h.num(fmt, what)
+        if vtype == _STRING:
+            return h.text(what)
+        if vtype != _ARRAY:
+            raise h.fail(f"{what} has the unknown value type {vtype}")
+        if depth >= MAX_GGUF_DEPTH:
+            raise h.fail(f"{what} nests arrays deeper than MAX_GGUF_DEPTH ({MAX_GGUF_DEPTH})")
+        itype, count = h.num("I", what), h.num("Q", what)
+        items += count
+        if items > MAX_GGUF_ARRAY_ITEMS:
+            raise _format_error(path, f"{what}: the metadata arrays hold {items} values, more than "
+                                      f"MAX_GGUF_ARRAY_ITEMS ({MAX_GGUF_ARRAY_ITEMS})")
+        fmt = _VALUE_FORMATS.get(itype)
+        if fmt is not None:
+            start = h.take(count * struct.calcsize("<" + fmt), what)
+            return list(struct.unpack_from(f"{h.order}{count}{fmt}", buf, start))
+        least = {_STRING: 8, _ARRAY: 12}.get(itype)
+        if least is None:
+            raise h.fail(f"{what} is an array of the unknown value type {itype}")
+        if count * least > size - h.pos:
+            raise h.fail(f"{what} runs past the end of the file")
+        out = [value(itype, depth + 1, key) for _ in range(count)]
+        return _MALFORMED if any(v is _MALFORMED for v in out) else out
+
+    fields: dict[str, Any] = {}
+    alignment = _GGUF_ALIGNMENT
+    for _ in range(n_fields):
+        key = h.text("a metadata key")
+        if key is _MALFORMED:
+            raise h.fail("a metadata key is not UTF-8")
+        if key in fields:
+            raise h.fail(f"metadata {key!r} appears twice")
+        vtype = h.num("I", f"metadata {key!r}")
+        fields[key] = value(vtype, 0, key)
+        if key == "general.alignment":
+            alignment = fields[key]
+            if vtype != _UINT32 or alignment < 1 or alignment & (alignment - 1):
+                raise h.fail(f"general.alignment = {alignment!r} is not a UINT32 power of two")
+    infos = []
+    for _ in range(n_tensors):
+        name = h.text("a tensor name")
+        if name is _MALFORMED:
+            raise h.fail("a tensor name is not UTF-8")
+        n_dims = h.num("I", f"tensor {name!r}")
+        if n_dims > MAX_GGUF_DIMS:
+            raise h.fail(f"tensor {name!r} has {n_dims} dimensions, more than {MAX_GGUF_DIMS}")
+        dims = tuple(h.num("Q", f"tensor {name!r}") for _ in range(n_dims))
+        raw, offset = h.num("I", f"tensor {name!r}"), h.num("Q", f"tensor {name!r}")
+        infos.append((name, dims, raw, offset))
+    data_start = h.pos + (-h.pos) % alignment
+    data = np.frombuffer(buf, dtype=np.uint8)
+    tensors, names = [], set()
+    for name, dims, raw, offset in infos:
+        if name in names:
+            raise _format_error(path, f"tensor {name!r} appears twice")
+        names.add(name)
+        try:
+            qtype = gguf.GGMLQuantizationType(raw)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise _format_error(path, f"tensor {name!r} has the unknown type {raw}") from None
+        if not all(1 <= d < 2**63 for d in dims):
+            raise _format_error(path, f"tensor {name!r} has dimensions {list(dims)}, each must lie in [1, 2**63)")
+        row = dims[0] if dims else 1
+        if row % block:
+            raise _format_error(path, f"tensor {name!r} has rows of {row} values, not a multiple of the "
+                                      f"{qtype.name} block of {block}")
+        n_elements = math.prod(dims)
+        n_bytes = n_elements // block * type_size
+        if offset % alignment:
+            raise _format_error(path, f"tensor {name!r} starts at offset {offset}, not a multiple of the "
+                                      f"alignment {alignment}")
+        if offset > size - data_start or n_bytes > size - data_start - offset:
+            raise _format_error(path, f"tensor {name!r} extends past the end of the file (truncated?)")
+        start = data_start + offset
+        shape = tuple(reversed(dims))
+        typed = _TYPED.get(qtype.name)
+        if typed is not None:
+            view = data[start: start + n_bytes].view(np.dtype(h.order + typed)).reshape(shape)
+        else:
+            view = data[start: start + n_bytes].reshape(*shape[:-1], row // block * type_size)
+        tensors.append(_GGUFTensor(name, qtype, dims, n_elements, n_bytes, start, view))
+    return _GGUFFile(fields, tensors, h.order == ">")
+
+
+def _read_gguf(path: str | os.PathLike) -> _GGUFFile:
+    """The parsed header of a regular GGUF file of bounded size (its tensors memory-mapped, read-only);
+    `TritiumFormatError` for anything else."""
+    from .native import _open
+
     with _open(path) as f:  # regular files only, opened without blocking on a FIFO or device
         size = os.fstat(f.fileno()).st_size
         if size > MAX_FILE_BYTES:
@@ -445,29 +621,21 @@ def _read_gguf(path: str | os.PathLike) -> Any:
         if f.read(4) != b"GGUF":
             raise _format_error(path, "not a GGUF file (no GGUF magic)")
         try:
-            reader = gguf.GGUFReader(f)
-        except Exception as e:  # any parse failure of untrusted bytes
-            reason = " ".join(str(e).split())[:200] or type(e).__name__
-            raise _format_error(path, f"malformed GGUF file ({reason})") from None
-    if len(reader.tensors) > MAX_GGUF_TENSORS:
-        raise _format_error(path, f"{len(reader.tensors)} tensors exceeds MAX_GGUF_TENSORS ({MAX_GGUF_TENSORS})")
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size or np.asarray(t.data).nbytes != int(t.n_bytes):
-            raise _format_error(path, f"tensor {t.name!r} extends past the end of the file (truncated?)")
-    return reader
+            buf = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise _format_error(path, f"cannot read ({e})") from None
+    return _parse_gguf(path, buf, size)
 
 
-def _field(path: str | os.PathLike, reader: Any, key: str, kind: type, default: Any = None) -> Any:
+def _field(path: str | os.PathLike, reader: _GGUFFile, key: str, kind: type, default: Any = None) -> Any:
     """The value of metadata ``key`` as ``kind`` (int, float, bool, str or list), or ``default`` when absent."""
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in reader.fields:
         if default is None:
             raise _format_error(path, f"metadata {key!r} is missing")
         return default
-    try:
-        value = field.contents()
-    except Exception:
-        raise _format_error(path, f"metadata {key!r} is malformed") from None
+    value = reader.fields[key]
+    if value is _MALFORMED:
+        raise _format_error(path, f"metadata {key!r} is malformed")
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = isinstance(value, list) if kind is list else isinstance(value, bool) if kind is bool else (
         isinstance(value, str) if kind is str else number and (kind is float or float(value).is_integer()))
@@ -476,39 +644,33 @@ def _field(path: str | os.PathLike, reader: Any, key: str, kind: type, default: 
     return kind(value) if kind in (int, float) else value
 
 
-def _dim(path: str | os.PathLike, reader: Any, key: str, hi: int = MAX_WIDTH, default: Any = None) -> int:
+def _dim(path: str | os.PathLike, reader: _GGUFFile, key: str, hi: int = MAX_WIDTH, default: Any = None) -> int:
     v = _field(path, reader, key, int, default)
     if not 1 <= v <= hi:
         raise _format_error(path, f"metadata {key!r} = {v} lies outside [1, {hi}]")
     return v
 
 
-def _tq_ternary(path: str | os.PathLike, name: str, t: Any, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes ``(n, k)`` and float32 row scales ``(n,)`` of a TQ2_0/TQ1_0 tensor."""
-    gguf = _gguf()
-    qname = t.tensor_type.name
-    raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-    nb = k // BLOCK
-    if raw.size != n * nb * _TQ_BLOCK_BYTES[qname]:
-        raise _format_error(path, f"tensor {name!r} holds {raw.size} bytes, {qname} {n}x{k} needs "
-                                  f"{n * nb * _TQ_BLOCK_BYTES[qname]}")
-    blocks = raw.reshape(n, nb, _TQ_BLOCK_BYTES[qname])
-    d = np.ascontiguousarray(blocks[..., -2:]).view(np.float16).reshape(n, nb).astype(np.float32)
-    with np.errstate(all="ignore"):  # a non-finite scale is refused below
-        w = gguf.quants.dequantize(raw.reshape(n, -1), t.tensor_type).reshape(n, nb, BLOCK)
-    live = (w != 0).any(axis=-1)  # blocks with a non-zero weight; the scale of an all-zero block is free
-    if not np.isfinite(d[live]).all():
+def _tq_ternary(path: str | os.PathLike, name: str, t: _GGUFTensor, n: int, k: int) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """int8 codes ``(n, k)`` and float32 row scales ``(n,)`` of a TQ2_0/TQ1_0 tensor (a row without a non-zero
+    weight gets scale 1; a negative block scale negates its codes)."""
+    from .native import _printable
+
+    packed = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(n, -1))
+    where = _printable(f"{os.fspath(path)}: tensor {name!r}")
+    q, d = codecs.unpack_scaled(_TQ_CODECS[t.tensor_type.name], packed, n, k, where=where)
+    if not torch.isfinite(d).all():  # llama.cpp multiplies every block by its scale, all-zero blocks too
         raise _format_error(path, f"tensor {name!r} has a non-finite block scale")
-    safe = np.where(live, d, 1.0)[..., None]
-    with np.errstate(all="ignore"):
-        q = w / safe
-    if not np.isin(q, (-1.0, 0.0, 1.0)).all():
-        raise _format_error(path, f"tensor {name!r} is not ternary (a {qname} code outside -1, 0, 1)")
-    first = np.where(live.any(axis=1), d[np.arange(n), live.argmax(axis=1)], 0.0).astype(np.float32)
-    if (live & (d != first[:, None])).any():
+    blocks = q.reshape(n, k // BLOCK, BLOCK)
+    live = blocks.ne(0).any(dim=-1) & d.ne(0)  # blocks with a non-zero weight; the scale of the others is free
+    blocks = blocks * torch.where(live, torch.sign(d), 0).to(torch.int8).unsqueeze(-1)
+    d = d.abs()
+    first = torch.where(live.any(dim=1), d.gather(1, live.to(torch.uint8).argmax(dim=1, keepdim=True)).squeeze(1), 1.0)
+    if (live & d.ne(first.unsqueeze(1))).any():
         raise _format_error(path, f"tensor {name!r}: block scales vary within a row; tritium stores one scale "
                                   "per row")
-    return torch.from_numpy(q.reshape(n, k).astype(np.int8)), torch.from_numpy(first)
+    return blocks.reshape(n, k), first
 
 
 def _unpermute(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -562,9 +724,13 @@ def _config_from(path: str | os.PathLike, reader: Any) -> tuple[str, Any]:
     if arch == "llama":
         kw["attention_bias"] = "blk.0.attn_q.bias" in names
         kw["mlp_bias"] = "blk.0.ffn_gate.bias" in names
-        config = transformers.LlamaConfig(**kw)
     else:
-        config = transformers.Qwen2Config(**kw, use_sliding_window=False)
+        kw["use_sliding_window"] = False
+    try:
+        config = (transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config)(**kw)
+    except Exception as e:  # any check of transformers' own config
+        reason = " ".join(str(e).split())[:200]
+        raise _format_error(path, f"the model shape is not a valid {arch} config ({reason})") from None
     config._name_or_path = _field(path, reader, "general.name", str, "")
     return arch, config
 
@@ -594,19 +760,22 @@ def _tokenizer_from(path: str | os.PathLike, reader: Any) -> Any:
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     if any(len(p) != 2 for p in pairs):
         raise _format_error(path, "the gpt2 vocabulary has a malformed merge")
+    bos = _field(path, reader, "tokenizer.ggml.bos_token_id", int, -1)
+    add_bos = _field(path, reader, "tokenizer.ggml.add_bos_token", bool, False) and 0 <= bos < len(tokens) \
+        and vocab.get(tokens[bos]) == bos
     try:
         tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         for _, token in sorted(added, key=lambda x: x[0]):
             tok.add_special_tokens([token]) if token.special else tok.add_tokens([token])
-    except Exception as e:
+        if add_bos:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a Rust panic in tokenizers derives from BaseException
         raise _format_error(path, f"the gpt2 vocabulary is malformed ({' '.join(str(e).split())[:200]})") from None
-    bos = _field(path, reader, "tokenizer.ggml.bos_token_id", int, -1)
-    if _field(path, reader, "tokenizer.ggml.add_bos_token", bool, False) and 0 <= bos < len(tokens) \
-            and tokens[bos] in vocab:
-        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
-                                                           special_tokens=[(tokens[bos], bos)])
     return tok
 
 
@@ -618,15 +787,20 @@ def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     layers in TQ2_0/TQ1_0 become frozen `TernaryLinear` (``norm=None``) whose codes and fp16 block scales
     are the file's (one scale per tensor when all rows share it, else per row; query/key rows back in
     transformers' rotary order); the embedding, norms, biases and head are float32. A ``gpt2`` vocabulary
-    comes back as a byte-level BPE tokenizer, any other as None. The file is untrusted: anything
-    malformed or unsupported (another architecture or tensor type, block scales that vary within a row,
-    missing, extra or misshapen tensors) raises `tritium.io.TritiumFormatError` with one line saying why;
-    ImportError without the ``gguf`` package.
+    comes back as a byte-level BPE tokenizer, any other as None. The file is untrusted: its header is read
+    by a bounded reader (every count, length, shape and offset checked against the file's size and the
+    ``MAX_GGUF_*`` bounds before anything is allocated, so that time and memory stay proportional to the
+    file), and anything malformed or unsupported (another architecture or tensor type, a big-endian file,
+    non-finite block scales or block scales that vary within a row, missing, extra or misshapen tensors)
+    raises `tritium.formats.TritiumFormatError` with one line saying why; ImportError without the ``gguf``
+    package.
     """
     from ..models.transformers import from_config
 
     gguf = _gguf()
     reader = _read_gguf(path)
+    if reader.big_endian:
+        raise _format_error(path, "big-endian GGUF files are not supported")
     arch, config = _config_from(path, reader)
     gtensors: dict[str, Any] = {}
     for t in reader.tensors:
@@ -684,7 +858,7 @@ def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             n, k = module.out_features, module.in_features
             gname, t = tensor(mname + ".weight", (n, k))
             qname = t.tensor_type.name
-            if qname not in _TQ_BLOCK_BYTES:
+            if qname not in _TQ_CODECS:
                 if is_head and qname in _FLOAT_NAMES:
                     module.weight = nn.Parameter(floats(mname + ".weight", (n, k)))
                     continue
@@ -727,50 +901,10 @@ def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, Any]:
 
 def is_gguf(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a regular file that starts with the GGUF magic (nothing else is checked)."""
-    from ..io import TritiumFormatError, _open
+    from .native import TritiumFormatError, _open
 
     try:
         with _open(path) as f:
             return f.read(4) == b"GGUF"
     except (TritiumFormatError, OSError):
         return False
-
-
-def describe_gguf(path: str | os.PathLike) -> dict:
-    """Architecture, tensor counts and bytes by type, and bits per weight of the TQ layers of a GGUF file.
-
-    Raises `tritium.io.TritiumFormatError` (one line) for a malformed file.
-    """
-    reader = _read_gguf(path)
-    arch = _field(path, reader, "general.architecture", str, "")
-    by_type: dict[str, dict[str, int]] = {}
-    for t in reader.tensors:
-        row = by_type.setdefault(t.tensor_type.name, {"tensors": 0, "values": 0, "bytes": 0})
-        row["tensors"] += 1
-        row["values"] += int(t.n_elements)
-        row["bytes"] += int(t.n_bytes)
-    tq = [r for name, r in by_type.items() if name in _TQ_BLOCK_BYTES]
-    tq_values, tq_bytes = sum(r["values"] for r in tq), sum(r["bytes"] for r in tq)
-    return {
-        "file": os.fspath(path), "file_bytes": os.path.getsize(path), "format": "gguf",
-        "architecture": arch, "name": _field(path, reader, "general.name", str, ""),
-        "tokenizer": _field(path, reader, "tokenizer.ggml.model", str, "none"),
-        "tensors": len(reader.tensors), "by_type": by_type, "tensor_bytes": sum(r["bytes"] for r in by_type.values()),
-        "tq_bits_per_weight": 8 * tq_bytes / tq_values if tq_values else 0.0,
-    }
-
-
-def format_gguf_info(d: dict) -> str:
-    """The human-readable summary of `describe_gguf` (non-printable characters escaped)."""
-    from ..io import _printable
-
-    out = [f"{_printable(d['file'])}: GGUF, {d['file_bytes']:,} bytes, architecture {_printable(d['architecture'])!s}"
-           + (f", {_printable(d['name'])}" if d["name"] else "") + f", tokenizer {_printable(d['tokenizer'])}"]
-    out.append(f"{'type':<8} {'tensors':>8} {'values':>14} {'bytes':>14} {'bits/w':>7}")
-    for name, r in sorted(d["by_type"].items()):
-        bits = 8 * r["bytes"] / r["values"] if r["values"] else 0.0
-        out.append(f"{name:<8} {r['tensors']:>8,} {r['values']:>14,} {r['bytes']:>14,} {bits:>7.3f}")
-    out.append(f"{d['tensors']:,} tensors, {d['tensor_bytes']:,} bytes of tensor data"
-               + (f"; ternary (TQ) layers at {d['tq_bits_per_weight']:.3f} bits/weight incl. block scales"
-                  if d["tq_bits_per_weight"] else ""))
-    return "\n".join(out)
