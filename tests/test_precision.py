@@ -77,6 +77,51 @@ def test_bad_strings_name_the_string_and_the_bad_part(text, part):
     assert f"bad precision spec {text!r}" in str(e.value) and part in str(e.value)
 
 
+@pytest.mark.parametrize("text, canonical, switch_at, scheme", [
+    ("cqat0.5-1.58-absmedian+bf16", "cqat0.5-1.58-absmedian+bf16", 0.5, "cqat0.5-absmedian+bf16"),
+    ("CQAT.25-1.58", "cqat0.25-1.58-absmedian", 0.25, "cqat0.25-absmedian"),
+    ("cqat0.500000-1.58-absmean", "cqat0.5-1.58-absmean", 0.5, "cqat0.5-absmean"),
+    ("cqat0.123456-2-absmax+fp16", "cqat0.123456-2-absmax+fp16", 0.123456, "cqat0.123456-absmax+fp16"),
+])
+def test_continual_qat_strings(text, canonical, switch_at, scheme):
+    p = parse_precision(text)
+    assert str(p) == canonical and parse_precision(str(p)) == p and p.switch_at == switch_at
+    assert p.family == "qat" and p.train == parse_spec(canonical.split("-", 1)[1].split("+")[0])
+    assert p.scheme == scheme and p.nominal_bits == p.train.weight_bits
+    assert p.before_ptq == p and p.before_switch == Precision(autocast=p.autocast)
+    assert parse_precision("1.58-absmedian").before_switch == parse_precision("1.58-absmedian")
+    assert p != Precision(p.train, p.autocast)  # continual QAT is not QAT from the start
+
+
+@pytest.mark.parametrize("text, part", [
+    ("cqat1-1.58", "strictly between 0 and 1"),
+    ("cqat0-1.58", "strictly between 0 and 1"),
+    ("cqat-1.58", "expected 'cqat<F>-<spec>'"),
+    ("cqat0.5", "expected 'cqat<F>-<spec>'"),
+    ("cqat0.1234567-1.58", "at most 6 decimals"),
+    ("cqat0.5-", "needs a quantizer spec"),
+    ("cqat0.5-bf16", "needs a quantizer spec, not 'bf16'"),
+    ("cqat0.5-ptq-1.58", "exclude each other"),
+    ("cqat0.5-1.58-absfoo", "'absfoo'"),
+    ("cqat0.5-1.58+bf8", "'+bf8'"),
+])
+def test_bad_continual_qat_strings(text, part):
+    with pytest.raises(ValueError) as e:
+        parse_precision(text)
+    assert f"bad precision spec {text!r}" in str(e.value) and part in str(e.value)
+
+
+def test_continual_qat_constructor_checks():
+    assert Precision(BitConfig(), "bf16", None, 0.5) == parse_precision("cqat0.5-1.58+bf16")
+    assert Precision(BitConfig(), None, None, 0.1234567).switch_at == 0.123457  # the canonical string's value
+    with pytest.raises(ValueError, match="needs a training config"):
+        Precision(None, "bf16", None, 0.5)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        Precision(BitConfig(), None, None, 1.0)
+    with pytest.raises(TypeError, match="switch_at"):
+        Precision(BitConfig(), None, None, "0.5")
+
+
 def test_constructor_checks_its_fields():
     assert Precision() == parse_precision("fp32")
     assert Precision(BitConfig(), "bf16") == parse_precision("1.58-absmedian+bf16")

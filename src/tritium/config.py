@@ -14,7 +14,9 @@ Examples: ``"1.58-absmedian"``, ``"1.58-absmean-channel"``, ``"1-absmean"``, ``"
 ``"4-absmax-group128"``, ``"1.58-absmean-a4"``.
 
 `Precision`: how an experiment run trains, named by a spec plus an optional ``ptq-`` prefix (quantize
-after float training) and ``+bf16``/``+fp16`` suffix (autocast), e.g. ``"ptq-1.58-absmedian+bf16"``.
+after float training) or ``cqat<F>-`` prefix (float training, then quantization-aware training from the
+fraction F of the steps on) and ``+bf16``/``+fp16`` suffix (autocast), e.g. ``"ptq-1.58-absmedian+bf16"``,
+``"cqat0.5-1.58-absmedian+bf16"``.
 """
 
 from __future__ import annotations
@@ -207,26 +209,44 @@ class Precision:
         <spec>[+bf16|+fp16]      quantization-aware training with the `BitConfig` of ``<spec>`` (see
                                  `parse_spec`), optionally under autocast
         ptq-<spec>[+bf16|+fp16]  train in float32 (or under the autocast), then ``tritium.ptq`` with ``<spec>``
+        cqat<F>-<spec>[+bf16|+fp16]
+                                 continual QAT (arXiv 2502.11895): train in float32 (or under the autocast) for
+                                 the first fraction F of the steps (0 < F < 1, at most 6 decimals, e.g. 0.5),
+                                 then quantization-aware with ``<spec>``, keeping the optimizer state
 
     Examples: ``"fp32"``, ``"bf16"``, ``"1.58-absmedian"``, ``"1.58-absmedian+bf16"``, ``"4-absmax-group128"``,
-    ``"ptq-1.58-absmean"``, ``"ptq-2-absmax+bf16"``. ``str(p)`` is the canonical string (every spec field
-    spelled out, e.g. ``"1.58"`` gives ``"1.58-absmedian"``); parsing it gives ``p`` back.
+    ``"ptq-1.58-absmean"``, ``"ptq-2-absmax+bf16"``, ``"cqat0.5-1.58-absmedian+bf16"``. ``str(p)`` is the
+    canonical string (every spec field spelled out, e.g. ``"1.58"`` gives ``"1.58-absmedian"``; ``cqat.50-``
+    gives ``cqat0.5-``); parsing it gives ``p`` back.
 
     Attributes:
         train: the config the model trains with (quantization-aware), or None for float training.
         autocast: "bf16" or "fp16" to train and evaluate under ``torch.autocast`` to that dtype, or None.
         ptq: the config applied by ``tritium.ptq`` after training, or None.
+        switch_at: with ``train``, the fraction of the steps trained in float before the model is converted
+            to ``train`` (continual QAT; rounded to 6 decimals), or None to train quantization-aware from the
+            start.
     """
 
     train: BitConfig | None = None
     autocast: str | None = None
     ptq: BitConfig | None = None
+    switch_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.autocast not in (None, *AUTOCAST):
             raise ValueError(f"autocast={self.autocast!r} is not supported; choose one of {(None, *AUTOCAST)}")
         if self.train is not None and self.ptq is not None:
             raise ValueError("a precision has a training config or a PTQ config, not both")
+        if self.switch_at is not None:
+            _check_type("switch_at", self.switch_at, numbers.Real, "a number or None")
+            if self.train is None:
+                raise ValueError("switch_at needs a training config (the precision trained after the switch)")
+            value = round(float(self.switch_at), 6)  # as the canonical string spells it
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"switch_at={self.switch_at!r} must lie strictly between 0 and 1 "
+                                 "(at 6 decimals)")
+            object.__setattr__(self, "switch_at", value)
 
     @classmethod
     def parse(cls, text: str) -> Precision:
@@ -238,7 +258,8 @@ class Precision:
 
     @property
     def family(self) -> str:
-        """The kind of run: "fp" (float training), "qat" (quantization-aware training) or "ptq"."""
+        """The kind of run: "fp" (float training), "qat" (quantization-aware training, continual QAT
+        included) or "ptq"."""
         return "qat" if self.train is not None else "ptq" if self.ptq is not None else "fp"
 
     @property
@@ -262,12 +283,24 @@ class Precision:
         if cfg is None:
             return str(self)
         rest = format_spec(cfg).split("-", 1)[1]
-        return ("ptq-" if self.ptq is not None else "") + rest + (f"+{self.autocast}" if self.autocast else "")
+        return self._prefix + rest + (f"+{self.autocast}" if self.autocast else "")
+
+    @property
+    def _prefix(self) -> str:
+        if self.ptq is not None:
+            return "ptq-"
+        return "" if self.switch_at is None else f"cqat{format(self.switch_at, '.6f').rstrip('0')}-"
 
     @property
     def before_ptq(self) -> Precision:
         """The precision the model trains at: this one without its PTQ step."""
-        return Precision(self.train, self.autocast)
+        return Precision(self.train, self.autocast, None, self.switch_at)
+
+    @property
+    def before_switch(self) -> Precision:
+        """The precision of the first training phase: the float precision (with this autocast) for continual
+        QAT, else this precision."""
+        return self if self.switch_at is None else Precision(autocast=self.autocast)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -289,7 +322,7 @@ class Precision:
     def __str__(self) -> str:
         if self.family == "fp":
             return self.autocast or "fp32"
-        out = ("ptq-" if self.ptq is not None else "") + format_spec(self.config)
+        out = self._prefix + format_spec(self.config)
         return out + (f"+{self.autocast}" if self.autocast else "")
 
 
@@ -313,6 +346,21 @@ def parse_precision(text: str) -> Precision:
         if body in FLOAT_SPECS:
             raise ValueError(f"bad precision spec {text!r}: {plus + autocast!r} follows a float precision "
                              f"(write {autocast!r} alone for float32 weights under {autocast} autocast)")
+    switch_at = None
+    if body.startswith("cqat"):
+        m = re.fullmatch(r"cqat(\d*\.\d{1,6}|\d+)-(.*)", body)
+        if m is None:
+            raise ValueError(f"bad precision spec {text!r}: expected 'cqat<F>-<spec>' with a decimal fraction F "
+                             "(at most 6 decimals), e.g. 'cqat0.5-1.58-absmedian'")
+        switch_at = float(m.group(1))
+        if not 0.0 < switch_at < 1.0:
+            raise ValueError(f"bad precision spec {text!r}: the switch fraction {m.group(1)!r} must lie strictly "
+                             "between 0 and 1")
+        body = m.group(2)
+        if body.startswith("ptq-"):
+            raise ValueError(f"bad precision spec {text!r}: 'cqat<F>-' and 'ptq-' exclude each other")
+        if body in FLOAT_SPECS or not body:
+            raise ValueError(f"bad precision spec {text!r}: 'cqat<F>-' needs a quantizer spec, not {body!r}")
     ptq = body.startswith("ptq-")
     spec = body.removeprefix("ptq-")
     if not spec:
@@ -328,4 +376,4 @@ def parse_precision(text: str) -> Precision:
             raise
         inner = f"bad precision spec {spec!r}: "
         raise ValueError(f"bad precision spec {text!r}: {msg.removeprefix(inner)}") from None
-    return Precision(None if ptq else cfg, autocast or None, cfg if ptq else None)
+    return Precision(None if ptq else cfg, autocast or None, cfg if ptq else None, switch_at)

@@ -1,10 +1,15 @@
 """Plain-text corpora for language-model pre-training: split, tokenizer, token windows, collators.
 
-* Split: the first ``1 - val_fraction`` of the characters (default 90%) are the training split, the rest
-  the validation split (contiguous, cut at a line start), so validation text is never seen in training.
+* Corpus: one text file, or a directory holding its own splits as ``train.txt`` and ``valid.txt``
+  (`SPLIT_FILES`), e.g. the English novels set ``lm/novels`` of the data root.
+* Split of a single file: the first ``1 - val_fraction`` of the characters (default 90%) are the training
+  split, the rest the validation split (contiguous, cut at a line start), so validation text is never seen
+  in training. A directory's files are used as they are.
 * Tokenizer: byte-level BPE (default, no unknown tokens on any text) or WordPiece, trained with Hugging
-  Face ``tokenizers`` on the training split only. Ids 0.. are the special tokens (`SPECIALS`, then the
-  span-corruption sentinels), so ordinary tokens are ``n_special..vocab_size-1``. The tokenizer and the
+  Face ``tokenizers`` on the training split only: on all of it up to `TOKENIZER_CHARS` characters, on a
+  deterministic sample of that size (evenly spaced blocks of whole lines, `tokenizer_sample`) beyond. Ids
+  0.. are the special tokens (`SPECIALS`, then the span-corruption sentinels), so ordinary tokens are
+  ``n_special..vocab_size-1``. Both splits are encoded in batches of whole lines; the tokenizer and the
   encoded splits are cached in ``cache_dir/<key>/``, keyed by the corpus hash and the settings.
 * Batches: random windows of ``seq_len`` tokens, drawn from a generator seeded by (seed, step).
 * Collators: BERT masking (`mask_tokens`) and T5 span corruption (`span_corrupt`).
@@ -15,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -26,6 +33,13 @@ from .. import atomic
 
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]")
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+#: The files of a corpus directory: its training and its validation split.
+SPLIT_FILES = ("train.txt", "valid.txt")
+#: Where the English novels set (``<data root>/lm/novels``) comes from.
+NOVELS_SOURCE = ("GitHub computationalstylistics/100_english_novels (corpus/*.txt) and COST-ELTeC/ELTeC-eng "
+                 "(level1/*.xml as plain text), split by book; see the data README, section 'English novels'")
+#: The most characters of a training split the tokenizer is trained on (beyond: `tokenizer_sample`).
+TOKENIZER_CHARS = 32_000_000
 
 
 @dataclass
@@ -47,7 +61,9 @@ class Corpus:
 
 
 def resolve_corpus(path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
-    """The corpus file ``path``: as given, else relative to the data root. Missing: FileNotFoundError."""
+    """The corpus ``path``, a text file or a directory with `SPLIT_FILES`: as given, else relative to the
+    data root, else to ``<data root>/lm``. Missing, or a directory without both split files:
+    FileNotFoundError naming what was looked for and where the data is published."""
     p = Path(path).expanduser()
     tried = [p]
     if not p.is_absolute():
@@ -61,11 +77,29 @@ def resolve_corpus(path: str | os.PathLike, data_dir: str | os.PathLike | None =
     for cand in tried:
         if cand.is_file():
             return cand
+        if cand.is_dir():
+            missing = [f for f in SPLIT_FILES if not (cand / f).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"corpus directory {cand} lacks {' and '.join(missing)}: a corpus directory holds its "
+                    f"training split as {SPLIT_FILES[0]} and its validation split as {SPLIT_FILES[1]} (plain "
+                    f"UTF-8 text). The English novels set lm/novels is published as {NOVELS_SOURCE}"
+                )
+            return cand
     raise FileNotFoundError(
         f"corpus not found; tried {', '.join(str(c) for c in tried)}. Pass --corpus PATH to a plain-text file "
-        f"(tiny-shakespeare is published as karpathy/char-rnn data/tinyshakespeare/input.txt, "
-        f"{TINY_SHAKESPEARE_URL}; the default location is <data root>/lm/tinyshakespeare.txt)"
+        f"or to a directory with {' and '.join(SPLIT_FILES)} (tiny-shakespeare is published as karpathy/char-rnn "
+        f"data/tinyshakespeare/input.txt, {TINY_SHAKESPEARE_URL}; the default location is "
+        f"<data root>/lm/tinyshakespeare.txt; the English novels set lm/novels is published as {NOVELS_SOURCE})"
     )
+
+
+def has_splits(path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the corpus ``path`` is a directory with its own splits (False also when it is not found)."""
+    try:
+        return resolve_corpus(path, data_dir).is_dir()
+    except FileNotFoundError:
+        return False
 
 
 def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
@@ -79,18 +113,26 @@ def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _lines(text: str, chunk: int = 1 << 14) -> list[str]:
-    """The text in pieces of whole lines (about ``chunk`` characters), for batched tokenizer calls."""
-    out, buf, size = [], [], 0
-    for line in text.splitlines(keepends=True):
-        buf.append(line)
-        size += len(line)
-        if size >= chunk:
-            out.append("".join(buf))
-            buf, size = [], 0
-    if buf:
-        out.append("".join(buf))
-    return out
+def _lines(text: str, chunk: int = 1 << 14) -> Iterator[str]:
+    """The text in pieces of whole lines (about ``chunk`` characters; a longer line is one piece), for
+    batched tokenizer calls."""
+    pos, n = 0, len(text)
+    while pos < n:
+        end = text.find("\n", min(pos + chunk, n) - 1)
+        end = n if end < 0 else end + 1
+        yield text[pos:end]
+        pos = end
+
+
+def tokenizer_sample(text: str, max_chars: int = TOKENIZER_CHARS, chunk: int | None = None) -> str:
+    """``text`` itself if it has at most ``max_chars`` characters, else a deterministic sample of about
+    ``max_chars``: evenly spaced pieces of whole lines (`_lines` of ``chunk`` characters, default
+    ``max_chars / 256``), in order."""
+    if len(text) <= max_chars:
+        return text
+    pieces = list(_lines(text, chunk or max(1, max_chars // 256)))
+    take = max(1, round(len(pieces) * max_chars / len(text)))
+    return "".join(pieces[i * len(pieces) // take] for i in range(take))
 
 
 def train_tokenizer(text: str, vocab_size: int = 2048, kind: str = "bpe", n_sentinels: int = 32):
@@ -118,14 +160,60 @@ def train_tokenizer(text: str, vocab_size: int = 2048, kind: str = "bpe", n_sent
     return tok
 
 
-def encode(tokenizer, text: str) -> np.ndarray:
-    """Token ids of ``text`` as one int32 array (no special tokens added)."""
-    ids = [e.ids for e in tokenizer.encode_batch(_lines(text), add_special_tokens=False)]
-    return np.fromiter((i for seq in ids for i in seq), dtype=np.int32)
+def encode(tokenizer, text: str, batch_chars: int = 1 << 22) -> np.ndarray:
+    """Token ids of ``text`` as one int32 array (no special tokens added).
+
+    The text is encoded in batches of about ``batch_chars`` characters of whole-line pieces, so memory
+    stays bounded by the batch (the tokenizer's per-token objects) plus the ids.
+    """
+    fast = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no offsets (tokenizers >= 0.21)
+    out: list[np.ndarray] = []
+    batch: list[str] = []
+    size = 0
+
+    def flush() -> None:
+        out.extend(np.asarray(e.ids, dtype=np.int32) for e in fast(batch, add_special_tokens=False))
+        batch.clear()
+
+    for piece in _lines(text):
+        batch.append(piece)
+        size += len(piece)
+        if size >= batch_chars:
+            flush()
+            size = 0
+    if batch:
+        flush()
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
 
 
 def _save_atomic(path: Path, write) -> None:
     atomic.write_with(path, write)
+
+
+def _read_splits(src: Path, val_fraction: float) -> tuple[str, str]:
+    """The (train, val) texts of a corpus file (split by `split_text`) or directory (`SPLIT_FILES`)."""
+    if src.is_dir():
+        train, val = ((src / f).read_bytes().decode("utf-8", errors="replace") for f in SPLIT_FILES)
+        for name, text in zip(SPLIT_FILES, (train, val), strict=True):
+            if not text.strip():
+                raise ValueError(f"corpus {src}: {name} is empty")
+        return train, val
+    train, val = split_text(src.read_bytes().decode("utf-8", errors="replace"), val_fraction)
+    if not train.strip() or not val.strip():
+        raise ValueError(f"corpus {src} is too small to split")
+    return train, val
+
+
+def _digest(src: Path) -> str:
+    """sha256 of a corpus file, or of a directory's split files (each one's name and length, then its bytes)."""
+    h = hashlib.sha256()
+    for f in [src] if src.is_file() else [src / name for name in SPLIT_FILES]:
+        if f is not src:
+            h.update(f"{f.name}:{f.stat().st_size}:".encode())
+        with open(f, "rb") as stream:
+            while block := stream.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
 
 
 def load_corpus(
@@ -133,17 +221,29 @@ def load_corpus(
     cache_dir: str | os.PathLike,
     vocab_size: int = 2048,
     kind: str = "bpe",
-    val_fraction: float = 0.1,
+    val_fraction: float | None = 0.1,
     n_sentinels: int = 32,
     data_dir: str | os.PathLike | None = None,
+    tokenizer_chars: int = TOKENIZER_CHARS,
 ) -> Corpus:
-    """Split, tokenize (training the tokenizer on the training split) and cache a plain-text corpus."""
+    """Split (a file) or read the splits (a directory), tokenize (training the tokenizer on at most
+    ``tokenizer_chars`` characters of the training split, see `tokenizer_sample`) and cache a corpus.
+
+    ``val_fraction`` (None: 0.1) splits a single file and is ignored for a directory.
+    """
     from tokenizers import Tokenizer
 
     src = resolve_corpus(path, data_dir)
-    raw = src.read_bytes()
-    settings = {"vocab_size": vocab_size, "kind": kind, "val_fraction": val_fraction, "n_sentinels": n_sentinels}
-    blob = hashlib.sha256(raw).hexdigest() + json.dumps(settings, sort_keys=True)
+    split_dir = src.is_dir()
+    val_fraction = 0.1 if val_fraction is None else val_fraction
+    settings: dict = {"vocab_size": vocab_size, "kind": kind, "val_fraction": None if split_dir else val_fraction,
+                      "n_sentinels": n_sentinels}
+    if split_dir:
+        settings["splits"] = list(SPLIT_FILES)
+    train_bytes = (src / SPLIT_FILES[0] if split_dir else src).stat().st_size
+    if train_bytes > tokenizer_chars:  # a text of at most that many bytes is never sampled
+        settings["tokenizer_chars"] = tokenizer_chars
+    blob = _digest(src) + json.dumps(settings, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{src.stem}-{kind}{vocab_size}-{key}"
     files = {name: folder / name for name in ("tokenizer.json", "train.npy", "val.npy", "meta.json")}
@@ -151,16 +251,20 @@ def load_corpus(
         tok = Tokenizer.from_file(str(files["tokenizer.json"]))
         train, val = np.load(files["train.npy"]), np.load(files["val.npy"])
     else:
-        train_text, val_text = split_text(raw.decode("utf-8", errors="replace"), val_fraction)
-        if not train_text.strip() or not val_text.strip():
-            raise ValueError(f"corpus {src} is too small to split")
-        tok = train_tokenizer(train_text, vocab_size, kind, n_sentinels)
+        train_text, val_text = _read_splits(src, val_fraction)
+        t0 = time.perf_counter()
+        sample = tokenizer_sample(train_text, tokenizer_chars)
+        tok = train_tokenizer(sample, vocab_size, kind, n_sentinels)
+        t1 = time.perf_counter()
         train, val = encode(tok, train_text), encode(tok, val_text)
+        t2 = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
         _save_atomic(files["train.npy"], lambda p: np.save(open(p, "wb"), train))
         _save_atomic(files["val.npy"], lambda p: np.save(open(p, "wb"), val))
         _save_atomic(files["tokenizer.json"], lambda p: tok.save(str(p)))
-        meta = {"corpus": str(src), **settings, "train_tokens": len(train), "val_tokens": len(val)}
+        meta = {"corpus": str(src), **settings, "train_chars": len(train_text), "val_chars": len(val_text),
+                "tokenizer_trained_on_chars": len(sample), "train_tokens": len(train), "val_tokens": len(val),
+                "tokenizer_s": round(t1 - t0, 2), "encode_s": round(t2 - t1, 2)}
         _save_atomic(files["meta.json"], lambda p: p.write_text(json.dumps(meta, indent=1)))
     ids = {s: tok.token_to_id(s) for s in SPECIALS}
     sentinels = [tok.token_to_id(f"<extra_id_{i}>") for i in range(n_sentinels)]

@@ -1,16 +1,21 @@
 """Transformer pre-training from scratch at full precision and 1.58 bits (Nielsen et al., 2024, sec. 5).
 
 Tasks ``encoder`` (BertForMaskedLM, masked LM), ``seq2seq`` (T5ForConditionalGeneration, span corruption)
-and ``decoder`` (LlamaForCausalLM, causal LM) on a plain-text corpus (`tritium.data.corpus`).
+and ``decoder`` (LlamaForCausalLM, causal LM) on a plain-text corpus (`tritium.data.corpus`: one file split
+90/10, or a directory with its own ``train.txt`` and ``valid.txt`` such as ``lm/novels``).
 
 Every precision of a grid sees the same batches (batch size, sequence length, steps and data order), so
 the token budget is the same. Precisions (`tritium.Precision`): ``fp32``; ``bf16`` = fp32 master weights
 with the forward and backward in bf16 autocast; any quantized spec (``1.58-absmedian``, ...) converts the
 model with `tritium.quantize` before training; ``ptq-<spec>`` trains fp32, then applies `tritium.ptq`;
+``cqat<F>-<spec>`` (continual QAT, arXiv 2502.11895) trains in float for the first ``round(F * steps)``
+steps, then converts the model with `tritium.quantize` in place and trains on quantization-aware with the
+same AdamW state (the converted layers keep the very same parameters);
 ``+bf16`` after a spec trains (and evaluates) that precision under bf16 autocast. Embeddings and output
 heads stay in full precision unless ``--quantize-heads``; ``--exclude REGEX`` keeps more modules in full
 precision. Losses are measured on fixed training and validation batches at intervals; the summary
 has the final validation loss, its perplexity and the gap (validation minus training loss).
+``--compile [BACKEND]`` runs the model under ``torch.compile`` (inductor by default), on CPU and GPU alike.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpointer
 
 DISTRIBUTED = True  # DDP/FSDP under torchrun, checkpoints and exact resume
+CONTINUAL_QAT = True  # runs cqat<F>- precisions (a float phase, then quantization-aware training)
 METRIC = "val_loss"
 HIGHER_IS_BETTER = False
 GROUP_BY = ("hidden",)
@@ -65,8 +71,16 @@ def _vocab_size(value: object) -> int:
 
 def _corpus_path(value: object) -> str:
     if not str(value).strip():
-        raise argparse.ArgumentTypeError("expected a corpus file path, got ''")
+        raise argparse.ArgumentTypeError("expected a corpus file or directory, got ''")
     return str(value)
+
+
+def _backend(value: object) -> str:
+    """A torch.compile backend name (checked against torch's list by `grid`)."""
+    text = str(value).strip()
+    if not text or not all(c.isalnum() or c in "_-." for c in text):
+        raise argparse.ArgumentTypeError(f"expected a torch.compile backend such as inductor, got {value!r}")
+    return text
 
 
 def _seq_len(value: object) -> int:
@@ -80,8 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the language-model tasks (None: taken from the protocol)."""
     a = parser.add_argument
     a("--corpus", default=None, type=_corpus_path,
-      help="plain-text corpus file (relative paths also tried under the data root)")
-    a("--val-fraction", type=fraction, default=None, help="last fraction of the text used for validation (0.1)")
+      help="plain-text corpus file, or a directory with train.txt and valid.txt such as lm/novels (relative "
+           "paths also tried under the data root and <data root>/lm)")
+    a("--val-fraction", type=fraction, default=None,
+      help="last fraction of a corpus file used for validation (0.1; a directory has its own valid.txt)")
+    a("--train-tokens", type=nonnegative_int, default=None,
+      help="train on the first N tokens of the training split only (0: all), e.g. for several epochs")
     a("--tokenizer", default=None, choices=["bpe", "wordpiece"], help="tokenizer kind (byte-level bpe)")
     a("--vocab-size", type=_vocab_size, default=None, help="tokenizer vocabulary size")
     a("--hidden", default=None, type=positive_int_list, help="comma list of hidden sizes, e.g. 64,128,256,512")
@@ -101,27 +119,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="keep modules whose name matches in full precision (repeatable; adds to the heads)")
     a("--quantize-heads", action="store_true", default=None, help="quantize the output head too")
     a("--warmup-lambda", type=nonnegative_int, default=None,
-      help="steps of linear blend from full precision to quantized weights (tritium.LambdaWarmup)")
+      help="steps of linear blend from full precision to quantized weights (tritium.LambdaWarmup); for a "
+           "cqat precision, the steps after the switch")
+    a("--compile", nargs="?", const="inductor", default=None, type=_backend, metavar="BACKEND",
+      help="run the model under torch.compile (backend inductor unless given); CPU and GPU")
 
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
     """One config per hidden size, precision and seed."""
+    from tritium.config import parse_precision
+    from tritium.data.corpus import has_splits
+
     from .runner import precisions, seeds
 
     if args.task not in ARCHS:
         raise ValueError(f"task {args.task!r} is not a language-model task {ARCHS}")
     if not args.corpus:
         raise ValueError("no corpus: pass --corpus PATH")
+    if getattr(args, "fsdp", False):
+        cqat = [p for p in precisions(args) if parse_precision(p).switch_at is not None]
+        if cqat:
+            raise ValueError(f"--precision {cqat[0]}: continual QAT converts the model during training, which "
+                             "FSDP's sharded modules do not allow; train it without --fsdp (DDP)")
+    backend = getattr(args, "compile", None)
+    if backend and backend != "inductor":
+        from torch._dynamo import list_backends
+
+        known = list_backends(exclude_tags=())
+        if backend not in known:
+            raise ValueError(f"--compile {backend}: not a torch.compile backend; choose one of {', '.join(known)}")
+    # a corpus directory has its own validation split: no fraction enters the run config
+    val_fraction = None if has_splits(args.corpus, getattr(args, "data_dir", None)) else args.val_fraction
     common = {
         "task": args.task, "corpus": Path(args.corpus).name, "layers": args.layers, "steps": args.steps,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
         "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "eval_every": args.eval_every,
         "eval_batches": args.eval_batches, "vocab_size": args.vocab_size, "tokenizer": args.tokenizer,
-        "val_fraction": args.val_fraction, "head_dim": args.head_dim, "dropout": args.dropout,
+        "val_fraction": val_fraction, "head_dim": args.head_dim, "dropout": args.dropout,
     }
     options = {"exclude": list(args.exclude or []), "quantize_heads": bool(args.quantize_heads),
-               "warmup_lambda": int(args.warmup_lambda or 0)}
-    # only non-default conversion options enter the config, so default runs keep their keys
+               "warmup_lambda": int(args.warmup_lambda or 0), "train_tokens": int(args.train_tokens or 0)}
+    # only non-default conversion and data options enter the config, so default runs keep their keys
     common.update({k: v for k, v in options.items() if v})
     return [
         {**common, "hidden": h, "precision": p, "seed": s}
@@ -185,12 +223,21 @@ def train(
     accum: int = 1,
     ckpt: Checkpointer | None = None,
     losses: list[float] | None = None,
+    switch: tuple[int, Callable[[torch.nn.Module], object]] | None = None,
+    compile: str | None = None,
 ) -> dict[str, list]:
     """Train ``model`` for ``steps`` AdamW steps on ``get_batch(step)``; return the loss curves.
 
     Losses on each of ``eval_sets`` (name -> fixed batches) are recorded every ``eval_every`` steps and
     at the end as ``curves[name + "_loss"]``. ``dtype`` is an autocast dtype (bf16) or None (fp32);
     ``warmup_lambda`` blends quantized layers in from full precision over that many steps.
+
+    ``switch = (k, convert)`` (continual QAT): ``convert(model)`` runs once, at the start of step ``k``
+    (before that step's loss measurement, so curve points from ``k`` on are of the converted model; on a
+    resume from a checkpoint at or after ``k``, right after loading it). It must convert the model in place
+    and keep its parameters (as `tritium.quantize` does), so that the optimizer state carries over;
+    RuntimeError otherwise. With a switch, ``warmup_lambda`` counts from step ``k``. ``compile`` is a
+    ``torch.compile`` backend (e.g. "inductor") to run the model with, or None.
 
     ``get_batch(step)`` is the global batch; under torch.distributed (``model`` wrapped by
     `distributed.wrap`) each rank trains on its slice, in ``accum`` micro-batches. ``ckpt`` saves and
@@ -208,20 +255,40 @@ def train(
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-    blend = tritium.LambdaWarmup(model, warmup_lambda) if warmup_lambda else None
+    blend = tritium.LambdaWarmup(model, warmup_lambda) if warmup_lambda and switch is None else None
+
+    switched = False
+
+    def do_switch() -> None:
+        nonlocal blend, switched
+        switched = True
+        params = [id(p) for p in model.parameters()]
+        switch[1](model)
+        if [id(p) for p in model.parameters()] != params:
+            raise RuntimeError("the continual-QAT conversion replaced parameters of the model, so the "
+                               "optimizer would lose them; convert in place keeping the parameters")
+        if warmup_lambda:
+            blend = tritium.LambdaWarmup(model, warmup_lambda)
+
     curves: dict[str, list] = {"step": []}
     losses = [] if losses is None else losses
     start = 0
     meta = ckpt.restore(model, opt) if ckpt is not None else None
     if meta is not None:
         start, curves, losses[:] = meta["step"], meta["curves"], meta["losses"]
-        if blend is not None:
-            blend.load_state_dict(meta["lambda"])
+    if switch is not None and meta is not None and start >= switch[0]:
+        do_switch()  # the checkpoint holds the converted model's (identically named) parameters
+    if meta is not None and blend is not None and meta.get("lambda") is not None:  # None: saved before the switch
+        blend.load_state_dict(meta["lambda"])
+    if compile:
+        model.compile(backend=compile)
     device_type = next(model.parameters()).device.type
     model.train()
     bar = tqdm(range(start, steps + 1), disable=not progress, leave=False)
     with StopSignal(enabled=ckpt is not None) as stop:
         for step in bar:
+            if switch is not None and not switched and step == switch[0]:
+                do_switch()
             if eval_sets and (step % eval_every == 0 or step == steps):
                 curves["step"].append(step)
                 for name, batches in eval_sets.items():
@@ -263,6 +330,11 @@ def train(
     return curves
 
 
+def switch_step(fraction: float, steps: int) -> int:
+    """The step at which continual QAT converts the model: ``fraction * steps`` rounded half up."""
+    return math.floor(fraction * steps + 0.5)
+
+
 def _corpus(cfg: dict, args: argparse.Namespace):
     from tritium.data.corpus import load_corpus
 
@@ -294,16 +366,25 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
 
     def make_model() -> torch.nn.Module:
         model = build(cfg, corpus)
-        if precision.train is not None:
+        if precision.train is not None and precision.switch_at is None:
             tritium.quantize(model, precision.train, exclude=exclude)
         return model
+
+    switch = None
+    if precision.switch_at is not None:  # continual QAT: float first, then converted in place
+        switch = (switch_step(precision.switch_at, cfg["steps"]),
+                  lambda m: tritium.quantize(distributed.unwrap(m), precision.train, exclude=exclude))
 
     model = make_model()
     dev = distributed.device()
     dtype = precision.autocast_dtype
 
     bs, sl = cfg["batch_size"], cfg["seq_len"]
-    train_batch = make_batch_fn(cfg["task"], corpus, corpus.train, bs, sl)
+    train_split = corpus.train[: cfg["train_tokens"]] if cfg.get("train_tokens") else corpus.train
+    if len(train_split) <= sl:
+        raise ValueError(f"train_tokens={cfg.get('train_tokens')}: {len(train_split)} training tokens do not make "
+                         f"one window of {sl}")
+    train_batch = make_batch_fn(cfg["task"], corpus, train_split, bs, sl)
     val_batch = make_batch_fn(cfg["task"], corpus, corpus.val, bs, sl)
     g = torch.Generator().manual_seed(1234)  # the same evaluation batches for every run
     eval_sets = {"train": [train_batch(g) for _ in range(cfg["eval_batches"])],
@@ -334,7 +415,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
             model, get_batch, cfg["steps"], cfg["lr"], cfg["warmup"], cfg["min_lr_ratio"], cfg["weight_decay"],
             eval_every=cfg["eval_every"], eval_sets=eval_sets, dtype=dtype,
             warmup_lambda=cfg.get("warmup_lambda", 0), progress=not getattr(args, "no_progress", False),
-            accum=getattr(args, "grad_accum", 1), ckpt=ckpt,
+            accum=getattr(args, "grad_accum", 1), ckpt=ckpt, switch=switch, compile=getattr(args, "compile", None),
         )
         if distributed.is_fsdp(model):  # continue with an unsharded copy on every rank
             model = distributed.unsharded_copy(model, make_model().to(dev))
@@ -344,7 +425,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
             checkpoint.save_tensors(work / "final.safetensors", model.state_dict())
         distributed.barrier()  # every rank sees final.safetensors before a later ptq- run looks for it
     train_s = time.perf_counter() - t0
-    out = {}
+    out = {} if switch is None else {"switch_step": switch[0]}
     if precision.ptq is not None:
         out["fp32_val_loss"] = curves["val_loss"][-1]  # before PTQ (under the autocast, if any)
         tritium.ptq(model, precision.ptq, exclude=exclude)
@@ -353,6 +434,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         curves["val_loss"].append(evaluate(model, eval_sets["val"], dtype))
     val, tr = curves["val_loss"][-1], curves["train_loss"][-1]
     n_tokens = cfg["steps"] * bs * sl
+    out["train_split_tokens"] = len(train_split)
     out.update({
         "val_loss": val, "train_loss": tr, "ppl": math.exp(min(val, 50.0)), "gap": val - tr,
         "params": sum(p.numel() for p in model.parameters()), "tokens": n_tokens,

@@ -11,6 +11,7 @@ A task is a module registered in `TASKS`. It provides:
 * ``METRIC``, ``HIGHER_IS_BETTER``, ``GROUP_BY``: the main metric and the axes of the summary table.
 * optional ``DISTRIBUTED = True``: the task trains under torchrun (``--nproc``, ``--fsdp``) and writes and
   resumes checkpoints (``--ckpt-every``, ``--resume``); other tasks reject those options.
+* optional ``CONTINUAL_QAT = True``: the task runs ``cqat<F>-`` precisions; other tasks reject them.
 * optional ``report(rows, out) -> str``: extra markdown for ``DIR/results.md``.
 
 Every run has a stable key (hash of its sorted JSON config); runs whose key is already in
@@ -429,6 +430,13 @@ def _prepare(args: argparse.Namespace, task: ModuleType) -> list[dict]:
         raise UsageError(str(e) if str(e).startswith("--") else f"--precision: {e}") from None
     if not args.precision:
         raise UsageError("--precision: no precision given")
+    if not getattr(task, "CONTINUAL_QAT", False):
+        from tritium.config import parse_precision
+
+        cqat = [p for p in args.precision.split(",") if parse_precision(p).switch_at is not None]
+        if cqat:
+            raise UsageError(f"--precision {cqat[0]}: the {args.task} task does not run continual QAT (cqat<F>-); "
+                             "the lm tasks (encoder, seq2seq, decoder) do")
     _check_options(args)
     try:
         runs = task.grid(args, protocol)
