@@ -16,6 +16,8 @@ pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from transformers import (  # noqa: E402
+    BitNetConfig,
+    BitNetForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -29,13 +31,18 @@ from transformers import (  # noqa: E402
 import tritium  # noqa: E402
 from tritium import kernels  # noqa: E402
 from tritium.cli import main  # noqa: E402
+from tritium.formats import ExportError  # noqa: E402
 from tritium.formats.gguf import PRESET, GGUFExportError  # noqa: E402
 
 SHARED = Path(os.environ.get("TRITIUM_DATA", Path(__file__).parents[2] / "shared" / "data"))
 SHAKESPEARE = SHARED / "lm" / "tinyshakespeare.txt"
 VOCAB = 512
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-         "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+         "qwen2": (Qwen2Config, Qwen2ForCausalLM), "bitnet": (BitNetConfig, BitNetForCausalLM)}
+#: What llama.cpp's bitnet graph computes: SiLU (transformers' BitNet default is relu2) and a tied head.
+BITNET = {"hidden_act": "silu", "tie_word_embeddings": True}
+#: llama.cpp architecture of each transformers architecture.
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "bitnet": "bitnet"}
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 20
 
@@ -79,6 +86,18 @@ def fields(reader) -> dict:
     return out
 
 
+def gguf_name(arch: str, name: str) -> str:
+    """The GGUF name of a transformers tensor: the gguf package's map, and the two sub-norms of llama.cpp's
+    bitnet graph (``blk.N.attn_sub_norm``, ``blk.N.ffn_sub_norm``) that it does not name."""
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCH[arch].upper()), 2)
+    found = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    if found is None and arch == "bitnet":
+        block = name.split(".")[2]
+        found = {"attn_sub_norm.weight": f"blk.{block}.attn_sub_norm.weight",
+                 "ffn_sub_norm.weight": f"blk.{block}.ffn_sub_norm.weight"}[".".join(name.split(".")[-2:])]
+    return found
+
+
 def rope_rows(n_heads: int, head_dim: int) -> torch.Tensor:
     """GGUF row order of a query/key projection for llama.cpp's llama graph, which rotates adjacent pairs
     (2i, 2i+1) of a head where transformers rotates (i, i + head_dim / 2)."""
@@ -108,10 +127,12 @@ def ternary_layers(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.T
     ("llama", "tq2_0", "tensor", "f32", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
     ("mistral", "tq1_0", "tensor", "f32", {}),
     ("qwen2", "tq2_0", "channel", "f32", {}),
+    ("bitnet", "tq1_0", "channel", "f16", BITNET),
 ])
 def test_file_holds_tritium_weights(tmp_path, arch, qtype, granularity, float_type, kw):
     """Every TQ tensor dequantized by gguf is q x fp16(s) of the tritium layer (query/key rows in llama.cpp's
-    rotary order), every float tensor is the model's, and the metadata describes the model."""
+    rotary order for the llama graph, as they are for bitnet), every float tensor is the model's, and the
+    metadata describes the model."""
     model = tiny(arch, PRESET.replace(granularity=granularity), **kw)
     tritium.freeze(model)
     path = tmp_path / "m.gguf"
@@ -119,7 +140,7 @@ def test_file_holds_tritium_weights(tmp_path, arch, qtype, granularity, float_ty
     reader = gguf.GGUFReader(path)
     meta = fields(reader)
     cfg = model.config
-    gguf_arch = "qwen2" if arch == "qwen2" else "llama"
+    gguf_arch = GGUF_ARCH[arch]
     assert meta["general.architecture"] == gguf_arch
     assert meta[f"{gguf_arch}.block_count"] == 2
     assert meta[f"{gguf_arch}.embedding_length"] == 256
@@ -128,13 +149,12 @@ def test_file_holds_tritium_weights(tmp_path, arch, qtype, granularity, float_ty
     assert meta[f"{gguf_arch}.attention.head_count_kv"] == cfg.num_key_value_heads
     assert meta[f"{gguf_arch}.context_length"] == 256
     assert meta[f"{gguf_arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.rms_norm_eps)
-    assert meta[f"{gguf_arch}.rope.freq_base"] == pytest.approx(10000.0)
+    assert meta[f"{gguf_arch}.rope.freq_base"] == pytest.approx(cfg.rope_parameters["rope_theta"])  # BitNet: 5e5
     assert meta[f"{gguf_arch}.vocab_size"] == VOCAB
     want_ftype = gguf.LlamaFileType.MOSTLY_TQ2_0 if qtype == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0
     assert meta["general.file_type"] == int(want_ftype)
     assert meta["tokenizer.ggml.model"] == "none"
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA, 2)
     tensors = {t.name: t for t in reader.tensors}
     want_type = gguf.GGMLQuantizationType.TQ2_0 if qtype == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     seen = set()
@@ -146,7 +166,7 @@ def test_file_holds_tritium_weights(tmp_path, arch, qtype, granularity, float_ty
             rows = rope_rows(n_heads, 64)
             w = w[rows]
             b = None if b is None else b[rows]
-        gname = names.get_name(name + ".weight", try_suffixes=(".weight",))
+        gname = gguf_name(arch, name + ".weight")
         t = tensors[gname]
         assert t.tensor_type == want_type, gname
         got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
@@ -158,7 +178,7 @@ def test_file_holds_tritium_weights(tmp_path, arch, qtype, granularity, float_ty
             seen.add(bname)
     assert sum(t.tensor_type == want_type for t in tensors.values()) == 2 * 7
     for name, p in model.named_parameters():
-        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        gname = gguf_name(arch, name)
         t = tensors[gname]
         expect = p.detach().float().numpy()
         if p.dim() == 2 and float_type == "f16":
@@ -254,6 +274,13 @@ REFUSALS = {
     "rope scaling": (lambda: tiny(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), {},
                      "rope type 'linear'"),
     "activation": (lambda: tiny(hidden_act="gelu"), {}, "hidden_act='gelu'"),
+    "bitnet relu2": (lambda: tiny("bitnet", tie_word_embeddings=True), {},
+                     "hidden_act='relu2' \\(llama.cpp's bitnet graph computes silu and does not read"),
+    "bitnet untied head": (lambda: tiny("bitnet", hidden_act="silu"), {}, "head is not tied"),
+    "bitnet ternary head": (lambda: tritium.quantize(tiny("bitnet", None, **BITNET), PRESET, exclude=[]), {},
+                            "head is not tied"),
+    "bitnet bias": (lambda: tiny("bitnet", attention_bias=True, **BITNET), {}, "bitnet graph has no biases"),
+    "bitnet head_dim": (lambda: tiny("bitnet", head_dim=128, **BITNET), {}, "4 x 128 != 256"),
     "qtype": (tiny, {"qtype": "q4_0"}, "qtype='q4_0'"),
     "float type": (tiny, {"float_type": "bf16"}, "float_type='bf16'"),
     "format": (tiny, {"format": "onnx"}, "format='onnx'"),
@@ -268,7 +295,7 @@ def test_export_refuses_what_llamacpp_computes_differently(tmp_path, case):
     model = build()
     kwargs = {k: v() if callable(v) else v for k, v in kwargs.items()}
     path = tmp_path / "m.gguf"
-    with pytest.raises(GGUFExportError, match=match) as info:
+    with pytest.raises(ExportError if case == "format" else GGUFExportError, match=match) as info:
         tritium.export(model, path, **kwargs)
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
@@ -377,6 +404,7 @@ def agreement(path: Path, model, ids: list[int], n_new: int = 32) -> dict:
     ("llama", "tq1_0", "tensor", {"head_dim": 128, "tie_word_embeddings": True}),
     ("mistral", "tq2_0", "channel", {}),
     ("qwen2", "tq1_0", "channel", {}),
+    ("bitnet", "tq2_0", "channel", BITNET),
 ])
 def test_llamacpp_runs_untrained_export(tmp_path, arch, qtype, granularity, kw):
     """The graph mapping on random ternary weights large enough that every block matters (no data needed):
@@ -391,9 +419,9 @@ def test_llamacpp_runs_untrained_export(tmp_path, arch, qtype, granularity, kw):
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """A 2-block Llama (hidden 256, GQA, byte-level BPE of 512 tokens) quantized with PRESET, trained for 300
-    steps on tiny-shakespeare, frozen; with its tokenizer, 128 held-out token ids and the final training loss."""
+def shakespeare():
+    """tiny-shakespeare's byte-level BPE of 512 tokens (trained on its first 400,000 characters) and its token
+    ids, split into the first 90% (training) and the rest (held out)."""
     llama_cpp_or_skip()
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent (the shared tiny-shakespeare copy; set TRITIUM_DATA)")
@@ -401,8 +429,13 @@ def trained():
     tok = train_tokenizer(text[:400_000])
     ids = torch.tensor(tok.encode(text).ids)
     split = int(0.9 * len(ids))
-    train, held = ids[:split], ids[split:]
-    model = tiny().train()
+    return tok, ids[:split], ids[split:]
+
+
+def train_decoder(train: torch.Tensor, arch: str = "llama", **kw) -> tuple[torch.nn.Module, float]:
+    """A `tiny` decoder of ``arch`` quantized with PRESET, trained for 300 steps (AdamW, batches of 8 x 64
+    tokens of ``train``) and frozen, with the mean loss of its last 20 batches."""
+    model = tiny(arch, **kw).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     seq, batch, losses = 64, 8, []
@@ -416,7 +449,24 @@ def trained():
         losses.append(loss.item())
     model.eval()
     tritium.freeze(model)
-    return model, tok, held[:128].tolist(), sum(losses[-20:]) / 20
+    return model, sum(losses[-20:]) / 20
+
+
+@pytest.fixture(scope="module")
+def trained(shakespeare):
+    """A 2-block Llama (hidden 256, GQA, byte-level BPE of 512 tokens) quantized with PRESET, trained for 300
+    steps on tiny-shakespeare, frozen; with its tokenizer, 128 held-out token ids and the final training loss."""
+    tok, train, held = shakespeare
+    model, loss = train_decoder(train)
+    return model, tok, held[:128].tolist(), loss
+
+
+@pytest.fixture(scope="module")
+def trained_bitnet(shakespeare):
+    """The same for a 2-block BitNet (SiLU, tied head) of the same shape."""
+    tok, train, held = shakespeare
+    model, loss = train_decoder(train, "bitnet", **BITNET)
+    return model, tok, held[:128].tolist(), loss
 
 
 @pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
@@ -438,3 +488,18 @@ def test_llamacpp_matches_trained_model(tmp_path, trained, qtype):
     assert r["greedy_prefix"] >= 16
     text = tok.decode(ids)
     assert r["llm"].tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids
+
+
+@pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
+def test_llamacpp_matches_trained_bitnet(tmp_path, trained_bitnet, qtype):
+    """A trained BitNet exported to llama.cpp's bitnet graph: llama.cpp's logits and greedy tokens are
+    tritium's, with the same thresholds as the Llama model's."""
+    model, tok, ids, loss = trained_bitnet
+    print(f"training loss (last 20 batches) {loss:.3f}")
+    assert loss < 4.5
+    tritium.export(model, tmp_path / "m.gguf", qtype=qtype, tokenizer=tok)
+    assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["general.architecture"] == "bitnet"
+    r = agreement(tmp_path / "m.gguf", model, ids)
+    assert r["cos_min"] > 0.999 and r["cos_mean"] > 0.9999
+    assert r["top1"] >= 0.97
+    assert r["greedy_prefix"] >= 16

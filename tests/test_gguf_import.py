@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import tritium  # noqa: E402
-from test_gguf import SAMPLE, ternary_layers, tiny, train_tokenizer  # noqa: E402
+from test_gguf import BITNET, SAMPLE, agreement, ternary_layers, tiny, train_tokenizer  # noqa: E402
 from tritium.cli import main  # noqa: E402
 from tritium.formats import import_gguf  # noqa: E402
 from tritium.formats.gguf import PRESET  # noqa: E402
@@ -41,6 +41,8 @@ CASES = [
     ("llama", "tq1_0", "channel", "f16", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
     ("mistral", "tq1_0", "tensor", "f32", {}),
     ("qwen2", "tq2_0", "channel", "f16", {}),
+    ("bitnet", "tq1_0", "tensor", "f16", BITNET),
+    ("bitnet", "tq2_0", "channel", "f32", BITNET),
 ]
 
 
@@ -54,6 +56,7 @@ def test_import_is_the_inverse_of_export(tmp_path, arch, qtype, granularity, flo
     tritium.export(model, a, qtype=qtype, tokenizer=tok, float_type=float_type)
     back, tok2 = import_gguf(a)
     assert not back.training
+    assert type(back).__name__ == {"mistral": "LlamaForCausalLM"}.get(arch, type(model).__name__)
     want, got = ternary_layers(model), ternary_layers(back)
     assert want.keys() == got.keys()
     for name, (q, s, bias) in want.items():
@@ -89,9 +92,10 @@ def test_unrounded_scales_agree_up_to_fp16(tmp_path):
         torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0.05)
 
 
-def rewrite(src: Path, dst: Path, change) -> None:
+def rewrite(src: Path, dst: Path, change, add: dict | None = None) -> None:
     """Copy a GGUF file with ``change(name, array, type) -> (array, type)`` applied to its tensors (None
-    drops the tensor); the metadata is kept."""
+    drops the tensor) and ``add`` (name -> (array, type)) appended; the metadata is kept, plus ``add``'s
+    ``str`` values as string metadata."""
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
@@ -100,15 +104,19 @@ def rewrite(src: Path, dst: Path, change) -> None:
         vtype = field.types[0]
         sub = {"sub_type": field.types[-1]} if vtype == gguf.GGUFValueType.ARRAY else {}
         writer.add_key_value(key, field.contents(), vtype, **sub)
-    for t in reader.tensors:
-        new = change(t.name, np.array(t.data), t.tensor_type)
+    for key, value in (add or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+    tensors = [(t.name, change(t.name, np.array(t.data), t.tensor_type)) for t in reader.tensors]
+    tensors += [(k, v) for k, v in (add or {}).items() if not isinstance(v, str)]
+    for name, new in tensors:
         if new is None:
             continue
         data, raw = new
         if raw in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            writer.add_tensor(t.name, data)
+            writer.add_tensor(name, data)
         else:
-            writer.add_tensor(t.name, data, raw_dtype=raw)
+            writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -258,3 +266,69 @@ def test_load_pretrained_and_generate_read_gguf(exported, capsys):
     out = capsys.readouterr()
     g = tritium.generate(model, SAMPLE[:20], tok, max_new_tokens=4)
     assert out.out.strip() == g.text.strip() and "decode" in out.err
+
+
+# ------------------------------------------------------------------------------ llama.cpp's bitnet graph
+
+
+@pytest.fixture(scope="module")
+def bitnet(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A random BitNet (SiLU, tied head; weights large enough that every block matters) frozen with
+    fp16-exact scales and exported to GGUF: (path, model)."""
+    path = tmp_path_factory.mktemp("bitnet") / "m.gguf"
+    model = frozen("bitnet", "channel", initializer_range=0.1, **BITNET)
+    tritium.export(model, path)
+    return path, model
+
+
+F32 = gguf.GGMLQuantizationType.F32
+
+
+def test_bitnet_scale_tensors_are_what_llamacpp_multiplies(tmp_path, bitnet):
+    """Optional ``.scale`` tensors (one number that llama.cpp's bitnet graph multiplies a layer's output by)
+    fold into the imported layer's scale, a negative one into its codes; llama.cpp runs the file with them as
+    the imported model computes (cosine min above 0.997 on this chaotic random model, as without them)."""
+    path, model = bitnet
+    out = tmp_path / "scaled.gguf"
+    rewrite(path, out, lambda name, data, raw: (data, raw),
+            add={"blk.0.attn_q.scale": (np.array([-2.0], np.float32), F32),
+                 "blk.1.ffn_down.scale": (np.array([0.5], np.float32), F32)})
+    back, _ = import_gguf(out)
+    want, got = ternary_layers(model), ternary_layers(back)
+    for name, factor in (("model.layers.0.self_attn.q_proj", -2.0), ("model.layers.1.mlp.down_proj", 0.5)):
+        q, s, _ = want[name]
+        q2, s2, _ = got[name]
+        assert torch.equal(q2, q * int(np.sign(factor))) and torch.equal(s2, s * abs(factor)), name
+    assert all(torch.equal(want[n][0], got[n][0]) for n in want if n.endswith(("k_proj", "up_proj")))
+    ids = torch.randint(1, 512, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    r = agreement(out, back, ids, n_new=4)
+    assert r["cos_min"] > 0.997 and r["cos_mean"] > 0.999
+
+
+BITNET_REFUSALS = {
+    "activation": ({"bitnet.hidden_activation": "relu2"}, None,
+                   "bitnet.hidden_activation 'relu2' is not supported"),
+    "output head": ({"output.weight": (np.zeros((512, 256), np.float32), F32)}, None,
+                    "'output.weight' has no place in the bitnet model"),
+    "scale type": ({"blk.0.attn_k.scale": (np.ones(2, np.float32), F32)}, None,
+                   "'blk.0.attn_k.scale' is F32 \\[2\\]; a layer's scale is one F32 number"),
+    "scale value": ({"blk.0.attn_k.scale": (np.zeros(1, np.float32), F32)}, None, "not a finite non-zero number"),
+    "sub-norm": ({}, "blk.1.ffn_sub_norm.weight", "'blk.1.ffn_sub_norm.weight' is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BITNET_REFUSALS))
+def test_bitnet_files_tritium_cannot_compute_alike_are_refused(tmp_path, bitnet, case):
+    add, drop, match = BITNET_REFUSALS[case]
+    out = tmp_path / "bad.gguf"
+    rewrite(bitnet[0], out, lambda name, data, raw: None if name == drop else (data, raw), add=add)
+    with pytest.raises(TritiumFormatError, match=match) as info:
+        import_gguf(out)
+    assert "\n" not in str(info.value)
+
+
+def test_bitnet_rewritten_unchanged_imports(tmp_path, bitnet):
+    """The file the refusals start from, rewritten as they are, imports (with a silu activation key too)."""
+    out = tmp_path / "same.gguf"
+    rewrite(bitnet[0], out, lambda name, data, raw: (data, raw), add={"bitnet.hidden_activation": "silu"})
+    assert type(import_gguf(out)[0]).__name__ == "BitNetForCausalLM"

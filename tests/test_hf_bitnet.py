@@ -520,7 +520,7 @@ EXPORT_REFUSALS = {
     "layernorm, frozen": (lambda: tritium.freeze(tiny(config=tritium.BitConfig())), "frozen with norm='layernorm'"),
     "per-channel": (lambda: tiny(config=PRESET.replace(granularity="channel")), "one weight_scale per tensor"),
     "per-channel, frozen": (lambda: tritium.freeze(tiny(config=PRESET.replace(granularity="channel"))),
-                            "per-channel scales"),
+                            "frozen with granularity='channel'"),
     "group scales": (lambda: tiny(config=PRESET.replace(granularity=("group", 32))), r"granularity=\('group', 32\)"),
     "4-bit": (lambda: tiny(config=PRESET.replace(weight_bits=4)), "weight_bits=4"),
     "4-bit activations": (lambda: tiny(config=PRESET.replace(act_bits=4)), "act_bits=4"),

@@ -17,8 +17,8 @@ from .args import ArgumentParser, UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tritium.demo", "train a small MLP on the digits data at fp32 and 1.58 bits"),
     "run": ("tritium.experiments.runner", "run paper experiments (mlp, gnn, xor, encoder, seq2seq, decoder)"),
-    "info": ("tritium.info", "describe a saved tritium model file or a GGUF file"),
-    "export": ("tritium.formats", "export a saved ternary Llama/Mistral/Qwen2 to GGUF (TQ2_0/TQ1_0) for llama.cpp"),
+    "info": ("tritium.info", "describe a saved tritium model file, a GGUF file or a Hugging Face BitNet folder"),
+    "export": ("tritium.formats", "convert a ternary model to GGUF (llama.cpp), an HF BitNet folder or a tritium file"),
     "generate": ("tritium.generation", "generate text with a saved transformers model (streamed, tokens/s)"),
     "bench train": ("tritium.bench.train", "QAT training step vs nn.Linear"),
     "bench kernels": ("tritium.bench.kernels", "ternary kernels vs torch fp32/bf16/int8"),

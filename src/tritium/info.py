@@ -1,9 +1,11 @@
-"""``tritium info FILE``: what a tritium or GGUF file holds, and the energy its arithmetic costs per token.
+"""``tritium info PATH``: what a tritium or GGUF file, or a Hugging Face BitNet folder, holds, and (tritium
+files) the energy its arithmetic costs per token.
 
 `describe` reads a native tritium file's header (never its tensors) and reports every layer's shape,
 storage format, bytes and bits per weight, the totals, the arithmetic per token of its linear layers and
-that arithmetic's energy at 45 nm (`ENERGY_PJ`); `describe_gguf` summarizes a GGUF file by tensor type.
-`format_info` and `format_gguf_info` render them as text.
+that arithmetic's energy at 45 nm (`ENERGY_PJ`); `describe_gguf` summarizes a GGUF file by tensor type,
+`describe_hf_bitnet` a Hugging Face BitNet folder (from its config and safetensors headers).
+`format_info`, `format_gguf_info` and `format_hf_bitnet_info` render them as text.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from pathlib import Path
 
 from . import atomic
-from .args import UsageError, existing_file, output_file
+from .args import UsageError, output_file
 from .formats.native import _DTYPES, PathLike, TritiumFormatError, _printable, read_header
 
 #: Energy per operation at 45 nm, in pJ (Horowitz, "Computing's energy problem", ISSCC 2014).
@@ -181,22 +183,81 @@ def format_gguf_info(d: dict) -> str:
     return "\n".join(out)
 
 
+def describe_hf_bitnet(path: str | os.PathLike) -> dict:
+    """Model class, quantization, ternary layers with their bits per weight, and the other tensors by dtype of
+    a Hugging Face BitNet checkpoint folder (its ``config.json`` and safetensors headers; no tensor data).
+
+    Raises `TritiumFormatError` (one line) for a malformed folder.
+    """
+    from .formats.hf_bitnet import _config, _tensors
+
+    folder = Path(path)
+    model_class, config, quantization = _config(folder)
+    entries, _ = _tensors(folder)
+    scaled = (name.removesuffix(".weight_scale") for name in entries if name.endswith(".weight_scale"))
+    ternary = sorted(n for n in scaled if getattr(entries.get(f"{n}.weight"), "dtype", None) == "U8")
+    owned = {f"{n}.{t}" for n in ternary for t in ("weight", "weight_scale", "bias", "rms_norm.weight")}
+    ternary_weights = sum(4 * math.prod(entries[f"{n}.weight"].shape) for n in ternary)
+    ternary_bytes = sum(_entry_bytes(entries[k]) for k in owned if k in entries)
+    by_dtype: dict[str, dict[str, int]] = {}
+    for name, entry in entries.items():
+        if name in owned:
+            continue
+        row = by_dtype.setdefault(entry.dtype, {"tensors": 0, "values": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["values"] += math.prod(entry.shape)
+        row["bytes"] += _entry_bytes(entry)
+    files = [e for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
+    return {
+        "file": os.fspath(path), "file_bytes": sum(e.stat().st_size for e in files), "format": "hf-bitnet",
+        "model_class": model_class, "norm": quantization.norm, "tensors": len(entries),
+        "tokenizer": (folder / "tokenizer.json").is_file(), "ternary_layers": len(ternary),
+        "ternary_weights": ternary_weights, "ternary_bytes": ternary_bytes,
+        "ternary_bits_per_weight": 8 * ternary_bytes / ternary_weights if ternary_weights else 0.0,
+        "by_dtype": by_dtype, "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
+    }
+
+
+def _entry_bytes(entry) -> int:
+    return math.prod(entry.shape) * _DTYPES[entry.dtype].itemsize
+
+
+def format_hf_bitnet_info(d: dict) -> str:
+    """The human-readable summary of `describe_hf_bitnet` (non-printable characters escaped)."""
+    out = [f"{_printable(d['file'])}: Hugging Face BitNet folder, {d['file_bytes']:,} bytes, {d['model_class']}"
+           f" ({d['layers']} layers, hidden {d['hidden_size']}), input norm {d['norm'] or 'none'}, "
+           + ("with tokenizer" if d["tokenizer"] else "no tokenizer")]
+    out.append(f"ternary: {d['ternary_layers']} layers, {d['ternary_weights']:,} weights in {d['ternary_bytes']:,} "
+               f"bytes ({d['ternary_bits_per_weight']:.3f} bits/weight incl. scales and bias)")
+    out.append(f"{'dtype':<8} {'tensors':>8} {'values':>14} {'bytes':>14}")
+    for name, r in sorted(d["by_dtype"].items()):
+        out.append(f"{name:<8} {r['tensors']:>8,} {r['values']:>14,} {r['bytes']:>14,}")
+    out.append(f"{d['tensors']:,} tensors")
+    return "\n".join(out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=existing_file, help="a file written by tritium.save")
+    from .formats import _source
+
+    parser.add_argument("file", metavar="PATH", type=_source,
+                        help="a file written by tritium.save, a GGUF file or a Hugging Face BitNet folder")
     parser.add_argument("--json", metavar="PATH", type=output_file,
                         help="also write the description as JSON to PATH")
 
 
 def run(args: argparse.Namespace) -> int:
-    """``tritium info``: a tritium or GGUF file described; any other file is a usage error (one line, exit 2)."""
+    """``tritium info``: a tritium or GGUF file or a Hugging Face BitNet folder described; anything else is a
+    usage error (one line, exit 2)."""
     from .formats import gguf
 
-    gguf_file = gguf.is_gguf(args.file)
+    kind = "hf-bitnet" if Path(args.file).is_dir() else "gguf" if gguf.is_gguf(args.file) else "tritium"
+    describe_, format_ = {"hf-bitnet": (describe_hf_bitnet, format_hf_bitnet_info),
+                          "gguf": (describe_gguf, format_gguf_info), "tritium": (describe, format_info)}[kind]
     try:
-        d = describe_gguf(args.file) if gguf_file else describe(args.file)
+        d = describe_(args.file)
     except (TritiumFormatError, ImportError) as e:
         raise UsageError(_printable(e)) from None
-    print(format_gguf_info(d) if gguf_file else format_info(d))
+    print(format_(d))
     if args.json:
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -206,4 +267,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ENERGY_PJ", "ENERGY_SOURCE", "describe", "describe_gguf", "format_gguf_info", "format_info"]
+__all__ = ["ENERGY_PJ", "ENERGY_SOURCE", "describe", "describe_gguf", "describe_hf_bitnet", "format_gguf_info",
+           "format_hf_bitnet_info", "format_info"]

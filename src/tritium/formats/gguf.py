@@ -1,14 +1,24 @@
-"""GGUF export of ternary Llama-family decoders for llama.cpp, in its TQ2_0 or TQ1_0 types.
+"""GGUF export of ternary decoders for llama.cpp, in its TQ2_0 or TQ1_0 types.
 
-`export_gguf` writes a transformers ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``
-whose linear layers are ternary (`BitLinear` during training or `TernaryLinear` after `tritium.freeze`) as
-one GGUF file: the seven linear layers of every block in ``TQ2_0`` (2 bits per weight plus one fp16 scale
-per 256 weights, 2.06 bits) or ``TQ1_0`` (base-3, 1.69 bits); the token embedding, the norms and a
-full-precision output head in F32 (or F16 for the embedding and head). Tensor names and metadata keys are
-those of the ``gguf`` package (the llama.cpp project's own writer), mapped as llama.cpp's
+`export_gguf` writes a transformers ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+``BitNetForCausalLM`` whose linear layers are ternary (`BitLinear` during training or `TernaryLinear` after
+`tritium.freeze`) as one GGUF file: the seven linear layers of every block in ``TQ2_0`` (2 bits per weight
+plus one fp16 scale per 256 weights, 2.06 bits) or ``TQ1_0`` (base-3, 1.69 bits); the token embedding, the
+norms and a full-precision output head in F32 (or F16 for the embedding and head). Tensor names and
+metadata keys are those of the ``gguf`` package (the llama.cpp project's own writer), mapped as llama.cpp's
 ``convert_hf_to_gguf.py`` maps them, including its row permutation of the query and key weights for the
 ``llama`` graph's rotary layout; the TQ blocks are packed by `tritium.formats.codecs`, byte for byte as the
 ``gguf`` package's quantizers pack them.
+
+**BitNet** (``BitNetForCausalLM``) maps onto llama.cpp's ``bitnet`` graph: the Llama block plus an RMSNorm
+before ``o_proj`` (``blk.N.attn_sub_norm``) and before ``down_proj`` (``blk.N.ffn_sub_norm``), the token
+embedding as output head. Measured against llama.cpp (llama-cpp-python 0.3.36; ``tests/test_gguf.py``):
+its rotary embedding rotates the halves of a head as transformers does, so the query and key rows keep
+their order (with the ``llama`` permutation the trained test model scores cosine 0.92 and top-1 77% instead
+of 0.99995 and 99%); and its feed-forward activation is SiLU whatever the file says
+(``bitnet.hidden_activation`` is not read), so only ``hidden_act="silu"`` maps: transformers' default
+``"relu2"`` (BitNet b1.58's) is refused. The head must be tied to the embedding
+(``tie_word_embeddings=True``) and the layers have no biases.
 
 **Which models map onto llama.cpp's graph.** llama.cpp's Llama graph multiplies each linear layer's input
 as it is: it has no place for `BitLinear`'s parameter-free input norm. A model maps when every linear layer
@@ -19,7 +29,8 @@ stores its row's scale) and a finished warm-up (``lambda_ = 1``). `PRESET` is th
 keeps ``lm_head`` in full precision (a head quantized with the same config, ``exclude=[]``, is written in the
 TQ type too). The input width of every linear layer must be a multiple of 256 (the TQ block). Anything
 else (another norm, group scales, 1/2/4-bit or float layers in the blocks, rope scaling, sliding-window
-layers of Qwen2, other architectures) is refused with one line saying why (`GGUFExportError`).
+layers of Qwen2, another activation or an untied head for BitNet, other architectures) is refused with one
+line saying why (`GGUFExportError`).
 
 **What differs numerically** between the exported model in llama.cpp and the same model in tritium:
 
@@ -43,7 +54,8 @@ tokenizers are refused; without one the file has no vocabulary (``tokenizer.ggml
 llama.cpp runs it on token ids.
 
 `import_gguf` reads such a file back (TQ2_0/TQ1_0 layers as frozen `TernaryLinear`, the rest as float32,
-the ``gpt2`` vocabulary as a tokenizer); `tritium.info.describe_gguf` summarizes one for ``tritium info``.
+the ``gpt2`` vocabulary as a tokenizer; a ``bitnet`` file's optional per-tensor ``.scale`` tensors are folded
+into the layers' scales); `tritium.info.describe_gguf` summarizes one for ``tritium info``.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +76,7 @@ from torch import nn
 from .. import atomic, kernels
 from ..config import BitConfig
 from ..nn import BitLinear, TernaryLinear
-from . import codecs
+from . import ExportError, codecs
 
 #: The `BitConfig` whose layers map onto llama.cpp's graph: ternary, absmedian per tensor, 8-bit
 #: activations, no input norm. Use ``tritium.quantize(model, PRESET)``.
@@ -71,13 +84,21 @@ PRESET = BitConfig(norm=None)
 QTYPES = ("tq2_0", "tq1_0")
 FLOAT_TYPES = ("f32", "f16")
 #: transformers class name -> llama.cpp architecture.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "BitNetForCausalLM": "bitnet"}
+#: The feed-forward activation of each llama.cpp graph (llama.cpp's bitnet graph computes SiLU and does not
+#: read ``bitnet.hidden_activation``: measured with llama-cpp-python 0.3.36 in ``tests/test_gguf.py``).
+ACTIVATIONS = {"llama": "silu", "qwen2": "silu", "bitnet": "silu"}
 BLOCK = 256  # weights per TQ2_0 / TQ1_0 block (QK_K)
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The norms of llama.cpp's bitnet graph that the ``gguf`` package's tensor map does not name (its names are
+#: those of the first BitNet checkpoints): transformers' name inside a block -> GGUF name inside ``blk.N``.
+_SUB_NORMS = {"self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm"}
+_MODEL_ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2", "bitnet": "BITNET"}  # gguf.MODEL_ARCH member names
 _FP16_MIN, _FP16_MAX = 2.0**-14, 65504.0
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(ExportError):
     """A model, tokenizer or option that cannot be written as a GGUF file for llama.cpp (one line, why)."""
 
 
@@ -155,6 +176,21 @@ def _rope(config: Any) -> float:
     return float(theta)
 
 
+def _tensor_names(arch: str, n_layers: int) -> Any:
+    """``name(transformers tensor name) -> GGUF tensor name or None`` for a llama.cpp architecture."""
+    gguf = _gguf()
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _MODEL_ARCHS[arch]), n_layers)
+
+    def name(tensor: str) -> str | None:
+        found = names.get_name(tensor, try_suffixes=(".weight", ".bias"))
+        sub = re.fullmatch(r"model\.layers\.(\d{1,4})\.(\w+\.\w+)\.weight", tensor) if arch == "bitnet" else None
+        if found is None and sub and int(sub[1]) < n_layers and sub[2] in _SUB_NORMS:
+            found = f"blk.{int(sub[1])}.{_SUB_NORMS[sub[2]]}.weight"
+        return found
+
+    return name
+
+
 def _permute(t: torch.Tensor, n_head: int) -> torch.Tensor:
     """Reorder rows of a query/key projection from transformers' rotate-half layout to llama.cpp's pairs."""
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
@@ -179,14 +215,16 @@ def _plan(model: nn.Module) -> _Plan:
                               f"{', '.join(ARCHITECTURES)}")
     config = model.config
     act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise GGUFExportError(f"cannot export to GGUF: hidden_act={act!r} (llama.cpp's {arch} graph uses silu)")
+    if act != ACTIVATIONS[arch]:
+        why = " and does not read the activation from the file" if arch == "bitnet" else ""
+        raise GGUFExportError(f"cannot export to GGUF: hidden_act={act!r} (llama.cpp's {arch} graph computes "
+                              f"{ACTIVATIONS[arch]}{why})")
     _rope(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if arch == "qwen2" and head_dim * heads != config.hidden_size:
-        raise GGUFExportError(f"cannot export to GGUF: llama.cpp's qwen2 graph needs heads x head_dim = hidden size, "
-                              f"got {heads} x {head_dim} != {config.hidden_size}")
+    if arch in ("qwen2", "bitnet") and head_dim * heads != config.hidden_size:
+        raise GGUFExportError(f"cannot export to GGUF: llama.cpp's {arch} graph needs heads x head_dim = hidden "
+                              f"size, got {heads} x {head_dim} != {config.hidden_size}")
     context = int(config.max_position_embeddings)
     if arch == "qwen2":
         types = getattr(config, "layer_types", None) or []
@@ -199,10 +237,18 @@ def _plan(model: nn.Module) -> _Plan:
     floats: dict[str, torch.Tensor] = {}
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
+    tied = isinstance(head, nn.Linear) and not isinstance(head, BitLinear) and embed is not None \
+        and head.weight is embed.weight
+    if arch == "bitnet" and not tied:
+        raise GGUFExportError("cannot export to GGUF: llama.cpp's bitnet graph uses the token embedding as the output "
+                              "head, and this model's head is not tied to it (tie_word_embeddings=True)")
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, (BitLinear, TernaryLinear)):
             ternary[name + ".weight"] = _ternary(name, module)
+            if arch == "bitnet" and ternary[name + ".weight"].bias is not None:
+                raise GGUFExportError(f"cannot export {name!r} to GGUF: llama.cpp's bitnet graph has no biases "
+                                      "(attention_bias=False)")
         elif leaf in _LINEARS:
             raise GGUFExportError(
                 f"cannot export {name!r} to GGUF: it is a {type(module).__name__}, not a ternary layer; quantize "
@@ -214,8 +260,7 @@ def _plan(model: nn.Module) -> _Plan:
                 if p.device.type == "meta":
                     raise GGUFExportError(f"cannot export {name}.{pname} to GGUF: it is on the meta device")
                 floats[f"{name}.{pname}" if name else pname] = p.detach().float().cpu()
-    if isinstance(head, nn.Linear) and not isinstance(head, BitLinear) and embed is not None \
-            and head.weight is embed.weight:
+    if tied:
         floats = {k: v for k, v in floats.items() if not k.startswith(_name_of(model, head) + ".")}
     return _Plan(arch, config, ternary, floats, head_dim, context)
 
@@ -319,15 +364,16 @@ def export_gguf(
     tokenizer: object | None = None,
     float_type: str = "f32",
 ) -> None:
-    """Write a ternary Llama, Mistral or Qwen2 decoder as a GGUF file for llama.cpp, atomically.
+    """Write a ternary Llama, Mistral, Qwen2 or BitNet decoder as a GGUF file for llama.cpp, atomically.
 
-    ``model`` is a transformers ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``
-    quantized with `PRESET` (a QAT model of `BitLinear` layers, or frozen with `tritium.freeze`). ``qtype``
-    is ``"tq2_0"`` or ``"tq1_0"`` for the linear layers; ``float_type`` (``"f32"`` or ``"f16"``) is the type
-    of the token embedding and a full-precision output head (norms stay F32). ``tokenizer`` (optional) is a
-    byte-level BPE ``tokenizers.Tokenizer`` or transformers fast tokenizer, written as llama.cpp's ``gpt2``
-    vocabulary. Raises `GGUFExportError` (one line, saying why) for a model, tokenizer or option that does
-    not map onto llama.cpp's graph (see the module docstring), ImportError without the ``gguf`` package.
+    ``model`` is a transformers ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+    ``BitNetForCausalLM`` (SiLU, tied head) quantized with `PRESET` (a QAT model of `BitLinear` layers, or
+    frozen with `tritium.freeze`). ``qtype`` is ``"tq2_0"`` or ``"tq1_0"`` for the linear layers;
+    ``float_type`` (``"f32"`` or ``"f16"``) is the type of the token embedding and a full-precision output
+    head (norms stay F32). ``tokenizer`` (optional) is a byte-level BPE ``tokenizers.Tokenizer`` or
+    transformers fast tokenizer, written as llama.cpp's ``gpt2`` vocabulary. Raises `GGUFExportError` (one
+    line, saying why) for a model, tokenizer or option that does not map onto llama.cpp's graph (see the
+    module docstring), ImportError without the ``gguf`` package.
     """
     qtype, float_type = str(qtype).lower(), str(float_type).lower()
     if qtype not in QTYPES:
@@ -341,15 +387,15 @@ def export_gguf(
     config = plan.config
     q_type = gguf.GGMLQuantizationType.TQ2_0 if qtype == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     file_type = gguf.LlamaFileType.MOSTLY_TQ2_0 if qtype == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0
-    arch = gguf.MODEL_ARCH.LLAMA if plan.arch == "llama" else gguf.MODEL_ARCH.QWEN2
+    arch = getattr(gguf.MODEL_ARCH, _MODEL_ARCHS[plan.arch])
     n_layers = int(config.num_hidden_layers)
-    names = gguf.get_tensor_name_map(arch, n_layers)
+    names = _tensor_names(plan.arch, n_layers)
     heads = int(config.num_attention_heads)
     kv_heads = int(config.num_key_value_heads or heads)
     vocab_size = int(model.get_input_embeddings().num_embeddings)
 
     def gguf_name(name: str) -> str:
-        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        new = names(name)
         if new is None:
             raise GGUFExportError(f"cannot export {name!r} to GGUF: llama.cpp's {plan.arch} graph has no such tensor")
         return new
@@ -390,7 +436,7 @@ def export_gguf(
         writer.add_feed_forward_length(int(config.intermediate_size))
         writer.add_head_count(heads)
         writer.add_head_count_kv(kv_heads)
-        if plan.arch == "llama":
+        if plan.arch in ("llama", "bitnet"):
             writer.add_rope_dimension_count(plan.head_dim)
         if plan.head_dim * heads != config.hidden_size:
             writer.add_key_length(plan.head_dim)
@@ -432,7 +478,7 @@ MAX_GGUF_DIMS = 4
 MAX_LAYERS = 4096
 MAX_WIDTH = 2**20
 #: llama.cpp architecture -> the transformers class an imported file becomes (a Mistral file imports as Llama).
-IMPORT_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+IMPORT_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "bitnet": "BitNetForCausalLM"}
 _TQ_CODECS = {"TQ2_0": "tq2_0", "TQ1_0": "tq1_0"}  # GGML type -> `tritium.formats.codecs` layout
 _FLOAT_NAMES = ("F32", "F16", "BF16")
 _GGUF_VERSIONS = (2, 3)
@@ -673,6 +719,21 @@ def _tq_ternary(path: str | os.PathLike, name: str, t: _GGUFTensor, n: int, k: i
     return blocks.reshape(n, k), first
 
 
+def _scaled(path: str | os.PathLike, name: str, t: _GGUFTensor, q: torch.Tensor,
+            scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and row scales of a layer whose output llama.cpp multiplies by the one-number tensor ``t``."""
+    if t.tensor_type.name != "F32" or t.n_elements != 1:
+        raise _format_error(path, f"tensor {name!r} is {t.tensor_type.name} {list(t.shape)}; a layer's scale is one "
+                                  "F32 number")
+    s = float(np.asarray(t.data).reshape(-1)[0])
+    if not (math.isfinite(s) and s != 0):
+        raise _format_error(path, f"tensor {name!r} is {s}, not a finite non-zero number")
+    scaled = (scale * abs(s)).float()
+    if not torch.isfinite(scaled).all() or (scaled == 0).any():
+        raise _format_error(path, f"tensor {name!r} ({s}) takes a weight scale outside float32's range")
+    return (q if s > 0 else -q), scaled
+
+
 def _unpermute(t: torch.Tensor, n_head: int) -> torch.Tensor:
     """The inverse of `_permute`: llama.cpp's rotary row order back to transformers'."""
     return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
@@ -694,8 +755,15 @@ def _config_from(path: str | os.PathLike, reader: Any) -> tuple[str, Any]:
     if value_dim != head_dim or heads % kv_heads or head_dim % 2:
         raise _format_error(path, f"attention shape not supported: {heads} heads, {kv_heads} kv heads, key length "
                                   f"{head_dim}, value length {value_dim}")
-    if arch == "llama":
-        rope_dim = _dim(path, reader, "llama.rope.dimension_count", MAX_WIDTH, head_dim)
+    if arch == "bitnet" and heads * head_dim != hidden:
+        raise _format_error(path, f"llama.cpp's bitnet graph needs heads x key length = embedding length, got "
+                                  f"{heads} x {head_dim} != {hidden}")
+    act = _field(path, reader, "bitnet.hidden_activation", str, "silu") if arch == "bitnet" else "silu"
+    if act != "silu":
+        raise _format_error(path, f"bitnet.hidden_activation {act!r} is not supported (llama.cpp's bitnet graph "
+                                  "computes silu; versions that read this key differ on other values)")
+    if arch in ("llama", "bitnet"):
+        rope_dim = _dim(path, reader, f"{arch}.rope.dimension_count", MAX_WIDTH, head_dim)
         if rope_dim != head_dim:
             raise _format_error(path, f"partial rotary embeddings (rope dimension {rope_dim} of {head_dim}) are "
                                       "not supported")
@@ -716,7 +784,7 @@ def _config_from(path: str | os.PathLike, reader: Any) -> tuple[str, Any]:
         intermediate_size=_dim(path, reader, f"{arch}.feed_forward_length"), vocab_size=vocab,
         max_position_embeddings=_dim(path, reader, f"{arch}.context_length", 2**24),
         rope_theta=theta, rms_norm_eps=eps, hidden_act="silu",
-        tie_word_embeddings="output.weight" not in names,
+        tie_word_embeddings="output.weight" not in names or arch == "bitnet",
     )
     for key in ("bos", "eos", "pad"):
         value = _field(path, reader, f"tokenizer.ggml.{key}_token_id", int, -1)
@@ -724,10 +792,15 @@ def _config_from(path: str | os.PathLike, reader: Any) -> tuple[str, Any]:
     if arch == "llama":
         kw["attention_bias"] = "blk.0.attn_q.bias" in names
         kw["mlp_bias"] = "blk.0.ffn_gate.bias" in names
-    else:
+    elif arch == "qwen2":
         kw["use_sliding_window"] = False
+    else:
+        kw["attention_bias"] = False
+        del kw["head_dim"]  # heads x head_dim = hidden, checked above
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "bitnet": transformers.BitNetConfig}[arch]
     try:
-        config = (transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config)(**kw)
+        config = config_class(**kw)
     except Exception as e:  # any check of transformers' own config
         reason = " ".join(str(e).split())[:200]
         raise _format_error(path, f"the model shape is not a valid {arch} config ({reason})") from None
@@ -782,11 +855,14 @@ def _tokenizer_from(path: str | os.PathLike, reader: Any) -> Any:
 def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     """(model in eval mode, ``tokenizers.Tokenizer`` or None) from a GGUF file in TQ2_0 or TQ1_0.
 
-    The inverse of `export_gguf` for llama.cpp's ``llama`` and ``qwen2`` graphs: a ``llama`` file becomes a
-    transformers ``LlamaForCausalLM`` (a Mistral export too), a ``qwen2`` file a ``Qwen2ForCausalLM``. Linear
-    layers in TQ2_0/TQ1_0 become frozen `TernaryLinear` (``norm=None``) whose codes and fp16 block scales
-    are the file's (one scale per tensor when all rows share it, else per row; query/key rows back in
-    transformers' rotary order); the embedding, norms, biases and head are float32. A ``gpt2`` vocabulary
+    The inverse of `export_gguf` for llama.cpp's ``llama``, ``qwen2`` and ``bitnet`` graphs: a ``llama`` file
+    becomes a transformers ``LlamaForCausalLM`` (a Mistral export too), a ``qwen2`` file a
+    ``Qwen2ForCausalLM``, a ``bitnet`` file a ``BitNetForCausalLM`` (SiLU, head tied to the embedding; a file
+    whose ``bitnet.hidden_activation`` is not ``silu`` is refused). Linear layers in TQ2_0/TQ1_0 become frozen
+    `TernaryLinear` (``norm=None``) whose codes and fp16 block scales are the file's (one scale per tensor
+    when all rows share it, else per row; query/key rows back in transformers' rotary order; a ``bitnet``
+    layer's optional ``.scale`` tensor, one F32 number, multiplies its scale); the embedding, norms, biases and
+    head are float32. A ``gpt2`` vocabulary
     comes back as a byte-level BPE tokenizer, any other as None. The file is untrusted: its header is read
     by a bounded reader (every count, length, shape and offset checked against the file's size and the
     ``MAX_GGUF_*`` bounds before anything is allocated, so that time and memory stay proportional to the
@@ -814,12 +890,12 @@ def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         model = from_config(IMPORT_CLASSES[arch], config.to_dict())
     except ValueError as e:
         raise _format_error(path, str(e)) from None
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layers)
+    names = _tensor_names(arch, n_layers)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     used: set[str] = set()
 
     def tensor(name: str, shape: tuple[int, ...]) -> Any:
-        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        gname = names(name)
         t = gtensors.get(gname) if gname else None
         if t is None:
             raise _format_error(path, f"tensor {gname or name!r} is missing")
@@ -868,6 +944,10 @@ def import_gguf(path: str | os.PathLike) -> tuple[nn.Module, Any]:
                 raise _format_error(path, f"tensor {gname!r} has {k} columns, not a multiple of {BLOCK}")
             q, scale = _tq_ternary(path, gname, t, n, k)
             q, scale = unpermuted(mname + ".", q), unpermuted(mname + ".", scale)
+            sname = gname.removesuffix(".weight") + ".scale"
+            if arch == "bitnet" and sname in gtensors:  # llama.cpp multiplies the layer's output by it
+                q, scale = _scaled(path, sname, gtensors[sname], q, scale)
+                used.add(sname)
             live = scale[(q != 0).any(dim=1)]
             per_channel = bool(live.numel()) and not bool((live == live[0]).all())
             layer = TernaryLinear(k, n, module.bias is not None, norm=None, per_channel=per_channel)

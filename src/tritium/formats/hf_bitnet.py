@@ -51,11 +51,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,7 +66,7 @@ from torch import nn
 from .. import atomic, kernels, quant
 from ..config import BitConfig
 from ..nn import BitConv1D, BitLinear, TernaryLinear
-from . import TritiumFormatError, codecs
+from . import ExportError, TritiumFormatError, codecs
 from .gguf import PRESET
 
 #: transformers ``model_type`` -> the model class exported and imported.
@@ -101,7 +99,7 @@ _PLAIN_PATTERN = re.compile(r"[A-Za-z0-9_.]+")
 _WIDTH_KEYS = ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads")
 
 
-class HFExportError(ValueError):
+class HFExportError(ExportError):
     """A model, tokenizer or output folder that cannot be written as a Hugging Face BitNet checkpoint (one
     line, why)."""
 
@@ -144,27 +142,23 @@ def _ternary(name: str, layer: nn.Module) -> _Ternary:
     """The codes, scale and bias of a ternary layer that maps onto transformers' BitLinear."""
     where = f"cannot export {name!r} as HF BitNet"
     if isinstance(layer, BitLinear):
-        cfg = layer.config
-        if cfg.granularity != "tensor":
-            raise HFExportError(f"{where}: granularity={cfg.granularity!r} (transformers' BitLinear has one "
-                                f"weight_scale per tensor, no per-channel or group scales); {_HINT}")
-        if cfg.norm not in (None, "rmsnorm"):
-            raise HFExportError(f"{where}: norm={cfg.norm!r} (transformers' BitLinear has no mean-subtracting "
-                                f"input norm; None or 'rmsnorm' map); {_HINT}")
+        granularity, norm, how = layer.config.granularity, layer.config.norm, ""
+    elif isinstance(layer, TernaryLinear):
+        granularity, norm, how = ("channel" if layer.per_channel else "tensor"), layer.norm, "it was frozen with "
+    else:
+        raise HFExportError(f"{where}: it is a {type(layer).__name__}, not a ternary linear layer; {_HINT}")
+    if granularity != "tensor":
+        raise HFExportError(f"{where}: {how}granularity={granularity!r} (transformers' BitLinear has one "
+                            f"weight_scale per tensor, no per-channel or group scales); {_HINT}")
+    if norm not in (None, "rmsnorm"):
+        raise HFExportError(f"{where}: {how}norm={norm!r} (transformers' BitLinear has no mean-subtracting "
+                            f"input norm; None or 'rmsnorm' map); {_HINT}")
+    frozen = layer
+    if isinstance(layer, BitLinear):
         try:
             frozen = TernaryLinear.from_bitlinear(layer, name)
         except ValueError as e:
             raise HFExportError(f"{where}: {e}; {_HINT}") from None
-    elif isinstance(layer, TernaryLinear):
-        frozen = layer
-        if layer.per_channel:
-            raise HFExportError(f"{where}: it was frozen with per-channel scales (transformers' BitLinear has one "
-                                f"weight_scale per tensor); {_HINT}")
-        if layer.norm not in (None, "rmsnorm"):
-            raise HFExportError(f"{where}: it was frozen with norm={layer.norm!r} (transformers' BitLinear has no "
-                                f"mean-subtracting input norm; None or 'rmsnorm' map); {_HINT}")
-    else:
-        raise HFExportError(f"{where}: it is a {type(layer).__name__}, not a ternary linear layer; {_HINT}")
     if frozen.weight_packed.device.type == "meta":
         raise HFExportError(f"{where}: its weights are on the meta device (load them first)")
     n, k = frozen.out_features, frozen.in_features
@@ -431,88 +425,28 @@ class _Entry:
     file: Path
     dtype: str
     shape: tuple[int, ...]
-    offset: int  # file position of the data
-    nbytes: int
+    header: Any  # the file's `tritium.formats.native.SafetensorsHeader`
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
     """The validated tensor entries and the metadata of a safetensors file (no tensor data is read)."""
     native = _native()
-    with native._open(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise _fail(path, "file is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(native.MAX_HEADER_BYTES, size - 8):
-            raise _fail(path, f"header length {n} exceeds the file or {native.MAX_HEADER_BYTES} bytes (truncated?)")
-        raw = f.read(n)
-    if len(raw) != n:
-        raise _fail(path, "the header is truncated")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _fail(path, f"header is not UTF-8 ({e.reason} at byte {e.start})") from None
-    header = native._loads(path, text, "safetensors header")
-    if not isinstance(header, dict):
-        raise _fail(path, "safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _fail(path, "__metadata__ must map strings to strings")
-    if len(header) > native.MAX_TENSORS:
-        raise _fail(path, f"{len(header)} tensors, more than {native.MAX_TENSORS}")
-    data_size = size - 8 - n
-    entries: dict[str, _Entry] = {}
-    spans = []
-    for name, info in header.items():
-        q = native._q(name)
-        if not isinstance(info, dict):
-            raise _fail(path, f"tensor {q}: entry is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in native._DTYPES:
-            raise _fail(path, f"tensor {q}: unsupported dtype {native._q(dtype)}")
-        if not isinstance(shape, list) or len(shape) > native.MAX_NDIM or \
-                not all(type(d) is int and 0 <= d <= native.MAX_DIM for d in shape):
-            raise _fail(path, f"tensor {q}: bad shape {native._q(shape)}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(type(o) is int and 0 <= o <= data_size for o in offsets)):
-            raise _fail(path, f"tensor {q}: data_offsets {native._q(offsets)} lie outside the file's "
-                              f"{data_size} bytes of data (truncated?)")
-        a, b = offsets
-        itemsize = native._DTYPES[dtype].itemsize
-        if math.prod(max(d, 1) for d in shape) > 2**62 // itemsize:
-            raise _fail(path, f"tensor {q}: shape {shape} is too large")
-        if b - a != math.prod(shape) * itemsize:
-            raise _fail(path, f"tensor {q}: {b - a} bytes of data for shape {shape} {dtype}")
-        spans.append((a, b))
-        entries[name] = _Entry(path, dtype, tuple(shape), 8 + n + a, b - a)
-    spans.sort()
-    end = 0
-    for a, b in spans:
-        if a != end:
-            raise _fail(path, "tensor data overlaps or has gaps")
-        end = b
-    if end != data_size:
-        raise _fail(path, f"the file has {data_size} bytes of tensor data, its header describes {end} "
-                          "(truncated or padded)")
-    return entries, meta
+        header = native.read_safetensors_header(path)
+    except TritiumFormatError as e:
+        raise TritiumFormatError(native._printable(e)) from None
+    entries = {name: _Entry(path, dtype, shape, header) for name, (dtype, shape) in header.tensors.items()}
+    return entries, header.metadata
 
 
 def _read(entry: _Entry, name: str) -> torch.Tensor:
     """The tensor ``name`` read into fresh memory (no memory map)."""
     native = _native()
-    t = torch.empty(entry.shape, dtype=torch.uint8 if entry.dtype == "BOOL" else native._DTYPES[entry.dtype])
-    if entry.nbytes:
-        buf = t.view(-1).view(torch.uint8)
+    try:
         with native._open(entry.file) as f:
-            try:
-                f.seek(entry.offset)
-                got = f.readinto(buf.numpy())
-            except OSError as e:
-                raise _fail(entry.file, f"cannot read tensor {native._q(name)} ({e})") from e
-        if got != entry.nbytes:
-            raise _fail(entry.file, f"tensor {native._q(name)} is truncated (the file changed while loading?)")
-    return t.ne(0) if entry.dtype == "BOOL" else t
+            return native._reader(entry.file, entry.header, f)(name)
+    except TritiumFormatError as e:
+        raise TritiumFormatError(native._printable(e)) from None
 
 
 def _shard_name(path: Path, value: object) -> str:
@@ -647,14 +581,10 @@ def _tokenizer(folder: Path) -> Any:
     if not path.exists():
         return None
     text = _read_small(path, MAX_TOKENIZER_BYTES, "tokenizer.json")
-    from tokenizers import Tokenizer
-
     try:
-        return Tokenizer.from_str(text)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # a Rust panic in tokenizers derives from BaseException
-        raise _fail(path, f"is not a valid tokenizer ({_native()._short(' '.join(str(e).split()))})") from None
+        return _native()._tokenizer_from_str(folder, text, "tokenizer.json")
+    except TritiumFormatError as e:
+        raise TritiumFormatError(_native()._printable(e)) from None
 
 
 def _qat_layer(name: str, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

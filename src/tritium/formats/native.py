@@ -74,8 +74,8 @@ PathLike = str | os.PathLike
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MAX_DIM", "MAX_HEADER_BYTES", "MAX_JSON_ITEMS", "MAX_NDIM", "MAX_TENSORS",
-    "STORAGES", "Checkpoint", "Header", "PathLike", "TritiumFormatError", "load", "load_tokenizer", "read_header",
-    "save", "tokenizer_json",
+    "STORAGES", "Checkpoint", "Header", "PathLike", "SafetensorsHeader", "TritiumFormatError", "load", "load_tokenizer",
+    "read_header", "read_safetensors_header", "save", "tokenizer_json",
 ]
 
 
@@ -224,15 +224,22 @@ def save(model: nn.Module, path: PathLike, storage: str = "2bit", tokenizer: obj
 
 
 @dataclass
-class Header:
-    """The validated header of a tritium file: tensor dtypes/shapes, layers, aliases and metadata."""
+class SafetensorsHeader:
+    """The validated header of any safetensors file: tensor dtypes and shapes, where their data lies, and the
+    string metadata."""
 
     tensors: dict[str, tuple[str, tuple[int, ...]]]
-    layers: dict[str, dict]
-    aliases: dict[str, str]
     metadata: dict[str, str]
     file_size: int
     offsets: dict[str, int] = field(default_factory=dict)  # file position of each tensor's data
+
+
+@dataclass
+class Header(SafetensorsHeader):
+    """The validated header of a tritium file: tensor dtypes/shapes, layers, aliases and metadata."""
+
+    layers: dict[str, dict] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
     model_config: dict | None = None  # the ``model_config`` metadata, parsed
 
     @property
@@ -354,7 +361,24 @@ def read_header(path: PathLike) -> Header:
         return _read_header(path, f)
 
 
+def read_safetensors_header(path: PathLike) -> SafetensorsHeader:
+    """Read and validate the header of any safetensors file without reading its tensors.
+
+    The checks and bounds are those of a tritium file's header (`MAX_HEADER_BYTES`, `MAX_TENSORS`,
+    `MAX_JSON_ITEMS`, `MAX_NDIM`, `MAX_DIM`, tensor data that tiles the rest of the file exactly); anything
+    malformed, and anything that is not a regular file, raises `TritiumFormatError`.
+    """
+    with _open(path) as f:
+        return _read_safetensors(path, f)
+
+
 def _read_header(path: PathLike, f) -> Header:
+    return _tritium_header(path, _read_safetensors(path, f, _check_format))
+
+
+def _read_safetensors(path: PathLike, f,
+                      check_metadata: Callable[[PathLike, dict], None] | None = None) -> SafetensorsHeader:
+    """The validated header of the safetensors file open as ``f`` (see `_parse_safetensors`)."""
     try:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
@@ -368,11 +392,30 @@ def _read_header(path: PathLike, f) -> Header:
         raise TritiumFormatError(f"{os.fspath(path)}: cannot read ({e})") from e
     if len(raw) != n:
         raise _fail(path, "the header is truncated (the file changed while loading?)")
-    return _parse_header(path, raw, n, size)
+    return _parse_safetensors(path, raw, n, size, check_metadata)
 
 
 def _parse_header(path: PathLike, raw: bytes, n: int, size: int) -> Header:
-    """The validated `Header` of a file of ``size`` bytes whose ``n``-byte JSON header is ``raw``."""
+    """The validated `Header` of a tritium file of ``size`` bytes whose ``n``-byte JSON header is ``raw``."""
+    return _tritium_header(path, _parse_safetensors(path, raw, n, size, _check_format))
+
+
+def _check_format(path: PathLike, meta: dict) -> None:
+    """Raise unless the metadata is a tritium file's of a version this tritium reads."""
+    if meta.get("format") != FORMAT:
+        raise _fail(path, f"not a tritium file (metadata format={_q(meta.get('format'))})")
+    version = meta.get("format_version", "")
+    if not (version.isascii() and version.isdigit() and len(version) <= 9) or int(version) < 1:
+        raise _fail(path, f"bad format_version {_q(version)}")
+    if int(version) > FORMAT_VERSION:
+        raise _fail(path, f"format_version {version} is newer than this tritium reads ({FORMAT_VERSION}); "
+                          "upgrade tritium")
+
+
+def _parse_safetensors(path: PathLike, raw: bytes, n: int, size: int,
+                       check_metadata: Callable[[PathLike, dict], None] | None = None) -> SafetensorsHeader:
+    """The validated header of a safetensors file of ``size`` bytes whose ``n``-byte JSON header is ``raw``;
+    ``check_metadata(path, metadata)`` runs before the tensors are checked."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -384,14 +427,8 @@ def _parse_header(path: PathLike, raw: bytes, n: int, size: int) -> Header:
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _fail(path, "__metadata__ must map strings to strings")
-    if meta.get("format") != FORMAT:
-        raise _fail(path, f"not a tritium file (metadata format={_q(meta.get('format'))})")
-    version = meta.get("format_version", "")
-    if not (version.isascii() and version.isdigit() and len(version) <= 9) or int(version) < 1:
-        raise _fail(path, f"bad format_version {_q(version)}")
-    if int(version) > FORMAT_VERSION:
-        raise _fail(path, f"format_version {version} is newer than this tritium reads ({FORMAT_VERSION}); "
-                          "upgrade tritium")
+    if check_metadata is not None:
+        check_metadata(path, meta)
     if len(header) > MAX_TENSORS:
         raise _fail(path, f"the file holds {len(header)} tensors, more than MAX_TENSORS ({MAX_TENSORS})")
     data_size = size - 8 - n
@@ -412,7 +449,7 @@ def _parse_header(path: PathLike, raw: bytes, n: int, size: int) -> Header:
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(type(o) is int and 0 <= o <= data_size for o in offsets)):
             raise _fail(path, f"tensor {_q(name)}: data_offsets {_q(offsets)} must be two integers in "
-                              f"[0, {data_size}]")
+                              f"[0, {data_size}] (truncated file?)")
         a, b = offsets
         itemsize = _DTYPES[dtype].itemsize
         if math.prod(max(d, 1) for d in shape) > 2**62 // itemsize:
@@ -433,6 +470,12 @@ def _parse_header(path: PathLike, raw: bytes, n: int, size: int) -> Header:
     if end != data_size:
         raise _fail(path, f"file has {data_size} bytes of tensor data, the header describes {end} "
                           "(truncated or padded file)")
+    return SafetensorsHeader(tensors, meta, size, starts)
+
+
+def _tritium_header(path: PathLike, st: SafetensorsHeader) -> Header:
+    """The tritium `Header` of a safetensors header whose metadata is a tritium file's (`_check_format`)."""
+    tensors, meta = st.tensors, st.metadata
     layers = _json(path, meta, "layers")
     aliases = _json(path, meta, "aliases")
     owned = set()
@@ -455,7 +498,7 @@ def _parse_header(path: PathLike, raw: bytes, n: int, size: int) -> Header:
         if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
             raise _fail(path, "metadata 'tokenizer' must be a tokenizer JSON object with a 'model' object")
         del tok
-    return Header(tensors, layers, aliases, meta, size, starts, model_config)
+    return Header(tensors, meta, st.file_size, st.offsets, layers=layers, aliases=aliases, model_config=model_config)
 
 
 def _check_layer(path: PathLike, name: str, rec: object, tensors: dict) -> None:
@@ -532,7 +575,7 @@ def _ternary_module(path: PathLike, name: str, rec: dict, get: Callable[[str], T
     return m
 
 
-def _reader(path: PathLike, header: Header, f) -> Callable[[str], Tensor]:
+def _reader(path: PathLike, header: SafetensorsHeader, f) -> Callable[[str], Tensor]:
     """``get(key)``: the tensor ``key`` read from the open file ``f`` into fresh memory (no mmap)."""
 
     def get(key: str) -> Tensor:
@@ -596,17 +639,22 @@ def load_tokenizer(path: PathLike, header: Header | None = None):
     text = header.metadata.get("tokenizer")
     if text is None:
         return None
+    return _tokenizer_from_str(path, text, "metadata 'tokenizer'")
+
+
+def _tokenizer_from_str(path: PathLike, text: str, what: str):
+    """The ``tokenizers.Tokenizer`` of a tokenizer JSON text (``what`` of ``path``); `TritiumFormatError` when
+    ``tokenizers`` cannot build it, ImportError without ``tokenizers``."""
     try:
         from tokenizers import Tokenizer
     except ImportError as e:
-        raise ImportError("reading the tokenizer stored in a tritium file needs the tokenizers package "
-                          "(pip install tokenizers)") from e
+        raise ImportError(f"reading {what} needs the tokenizers package (pip install tokenizers)") from e
     try:
         return Tokenizer.from_str(text)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # a Rust panic in tokenizers derives from BaseException
-        raise _fail(path, f"metadata 'tokenizer' is not a valid tokenizer ({_short(str(e))})") from None
+        raise _fail(path, f"{what} is not a valid tokenizer ({_short(' '.join(str(e).split()))})") from None
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
