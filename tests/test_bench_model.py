@@ -27,12 +27,31 @@ def test_bench_model_tiny(tmp_path, monkeypatch, capsys):
     assert calls == list(bench.VARIANTS)
     text = capsys.readouterr().out
     assert "decode tok/s" in text and "linear weights" in text and "targets" in text
+    assert "prefill128 ms" in text and "greedy tokens identical to the eager row's" in text
     r = json.loads(out.read_text())
-    assert set(r["variants"]) == set(bench.VARIANTS)
+    assert set(r["variants"]) == set(bench.VARIANTS) and r["compiled"]
     assert r["sizes"]["file_bytes_ternary"] < r["sizes"]["file_bytes_fp32"]
     assert r["ratios"]["linear_weight_ratio"] > 8
     for v in r["variants"].values():
-        assert v["tokens_per_s"] > 0 and v["peak_rss_mb"] > 0
+        assert v["tokens_per_s"] > 0 and v["peak_rss_mb"] > 0 and v["prefill128_ms"] > 0
+    # the compiled row decodes the same tokens as the eager one, and its compilation is timed apart
+    assert r["greedy_tokens_compiled_equal_eager"]
+    assert r["variants"]["ternary-compiled"]["greedy_tokens"] == r["variants"]["ternary"]["greedy_tokens"]
+    assert r["variants"]["ternary-compiled"]["compile_s"] > 0 and r["variants"]["ternary"]["compile_s"] == 0
+    assert r["ratios"]["decode_compiled_vs_eager"] > 0 and r["ratios"]["prefill128_compiled_vs_eager"] > 0
+
+
+def test_bench_model_no_compile_is_passed_to_workers(tmp_path, monkeypatch):
+    cmds = []
+    monkeypatch.setattr(bench, "_spawn", lambda v, a, w: cmds.append(bench._worker_cmd(v, a, w)) or
+                        cli_main(bench._worker_cmd(v, a, w)[3:]))
+    argv = ["bench", "model", "--quick", "--no-compile", "--hidden", "32", "--layers", "1", "--intermediate", "48",
+            "--heads", "4", "--vocab", "64", "--tokens", "2", "--json", str(tmp_path / "b.json")]
+    assert cli_main(argv) == 0
+    assert all("--no-compile" in c for c in cmds) and len(cmds) == len(bench.VARIANTS)
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert not r["compiled"] and r["variants"]["ternary-compiled"]["compile_s"] < 5
+    assert "NOT compiled" in bench._report(r)
 
 
 def _in_process(monkeypatch) -> list[str]:
@@ -46,8 +65,8 @@ def _in_process(monkeypatch) -> list[str]:
     return calls
 
 
-TINY_PEERS = ["bench", "model", "--quick", "--peers", "--hidden", "256", "--layers", "1", "--intermediate", "256",
-              "--heads", "4", "--vocab", "64", "--tokens", "3"]
+TINY_PEERS = ["bench", "model", "--quick", "--peers", "--no-compile", "--hidden", "256", "--layers", "1",
+              "--intermediate", "256", "--heads", "4", "--vocab", "64", "--tokens", "3"]
 
 
 def test_bench_model_peers_tiny(tmp_path, monkeypatch, capsys):
@@ -66,14 +85,20 @@ def test_bench_model_peers_tiny(tmp_path, monkeypatch, capsys):
     p = json.loads(out.read_text())["peers"]
     assert set(p["variants"]) == set(bench.PEERS)
     for v in p["variants"].values():
-        assert v["tokens_per_s"] > 0 and v["prefill_ms"] > 0 and v["peak_rss_mb"] > 0
-    for ours in ("preset", "ternary"):
+        assert v["tokens_per_s"] > 0 and v["prefill_ms"] > 0 and v["peak_rss_mb"] > 0 and v["prefill128_ms"] > 0
+    for ours in ("preset", "preset-compiled", "ternary", "ternary-compiled"):
         for q in ("tq2_0", "tq1_0"):
-            assert p["ratios"][f"decode_{ours}_vs_llamacpp_{q}"] > 0
-            assert p["ratios"][f"prefill_{ours}_vs_llamacpp_{q}"] > 0
+            for kind in ("decode", "prefill", "prefill128"):
+                assert p["ratios"][f"{kind}_{ours}_vs_llamacpp_{q}"] > 0
+    best = max(p["variants"][f"llamacpp-{q}"]["tokens_per_s"] for q in ("tq2_0", "tq1_0"))
+    assert p["ratios"]["decode_preset-compiled_vs_best_peer"] == pytest.approx(
+        p["variants"]["preset-compiled"]["tokens_per_s"] / best)
+    assert set(p["targets_met"]) == {"decode_vs_best_peer", "prefill128_vs_best_peer"}
+    assert "the best peer" in text
     assert p["sizes"]["file_bytes_tq1_0"] < p["sizes"]["file_bytes_tq2_0"]
     assert "greedy tokens equal to preset's" in text
-    assert set(p["greedy_tokens_same_as_preset"]) == {"llamacpp-tq2_0", "llamacpp-tq1_0"}
+    assert set(p["greedy_tokens_same_as_preset"]) == {"preset-compiled", "llamacpp-tq2_0", "llamacpp-tq1_0"}
+    assert p["greedy_tokens_same_as_preset"]["preset-compiled"] == 3
     assert all(0 <= n <= 3 for n in p["greedy_tokens_same_as_preset"].values())
 
 

@@ -3,18 +3,25 @@
 `load_pretrained` rebuilds the transformers model a file was saved from out of its stored ``model_class``
 and ``model_config`` (only the classes of `tritium.models.transformers.MODEL_CLASSES`, looked up by name in
 ``transformers``), on the meta device, fills it with `tritium.load` and reads the stored tokenizer, if any.
-`generate` runs transformers' own ``generate`` (greedy by default, or sampling with a temperature and
-top-p) and hands each new token to a callback as it is produced. The command streams the text (or, for a
-prompt given as token ids, the ids) to stdout and reports prefill and decode tokens/s on stderr.
+`generate` continues a prompt greedily (by default) or by sampling with a temperature and top-p, exactly as
+transformers' own ``generate`` does, and hands each new token to a callback as it is produced. For decoder-only
+models it runs its own loop on the model's forward with a `prefix_cache` and groups the frozen layers that read
+the same input (`tritium.nn.ternary.share_inputs`); with ``compile=True`` the one-token forward is compiled
+(`decode_step`). Tokens and logits stay bit-identical to transformers' ``generate`` on the eager model. The
+command streams the text (or, for a prompt given as token ids, the ids) to stdout and reports prefill and
+decode tokens/s on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +58,7 @@ class Generation:
         prompt_tokens: the prompt's length in tokens.
         prefill_s: seconds from the start of generation to the first new token (the prompt's forward pass).
         decode_s: seconds for the remaining ``len(ids) - 1`` tokens.
+        compile_s: seconds spent compiling the one-token forward before generation (``compile=True``), else 0.
     """
 
     ids: list[int]
@@ -58,6 +66,7 @@ class Generation:
     prompt_tokens: int
     prefill_s: float
     decode_s: float
+    compile_s: float = 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -195,6 +204,310 @@ def prompt_ids(model: nn.Module, prompt: str | Sequence[int], tokenizer: object 
     return ids
 
 
+# ------------------------------------------------------------------------------------------- fast decoding
+
+
+def prefix_cache_class() -> type:
+    """The class of `prefix_cache` (a transformers ``Cache``; defined on first use, as transformers is imported
+    lazily)."""
+    global _PrefixCacheClass
+    if _PrefixCacheClass is not None:
+        return _PrefixCacheClass
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        """One layer's keys and values in buffers of ``max_len`` positions; ``update`` writes the new positions
+        in place and returns views of the filled prefix, of exactly the shape `DynamicLayer` returns."""
+
+        def __init__(self, max_len: int) -> None:
+            super().__init__()
+            self.max_len, self.length = max_len, 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            # One position more than can be filled: the filled prefix is never the whole (contiguous) buffer,
+            # so compiled code sees one kind of view at every length.
+            b, h, _, dk = key_states.shape
+            self.device = key_states.device
+            self.key_buffer = key_states.new_zeros((b, h, self.max_len + 1, dk))
+            self.value_buffer = value_states.new_zeros((b, h, self.max_len + 1, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start = self.length
+            end = start + key_states.shape[-2]
+            if end > self.max_len:
+                raise ValueError(f"PrefixCache holds {self.max_len} positions, {end} needed")
+            self.key_buffer[:, :, start:end].copy_(key_states)
+            self.value_buffer[:, :, start:end].copy_(value_states)
+            self.length = end
+            return self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_max_length(self) -> int:
+            return self.max_len
+
+        def reset(self) -> None:
+            self.length = 0
+
+    class PrefixCache(Cache):
+        """A transformers KV cache in preallocated buffers of ``max_len`` positions for ``num_layers`` layers.
+
+        Attention sees exactly the filled prefix, as with ``DynamicCache`` (so the outputs are bit-identical to
+        it), without ``DynamicCache``'s copy of the whole cache at every token, and with a fixed memory layout
+        that compiled code can reuse; the filled length is a Python int per layer.
+        """
+
+        def __init__(self, num_layers: int, max_len: int) -> None:
+            super().__init__(layers=[PrefixLayer(max_len) for _ in range(num_layers)])
+
+    _PrefixCacheClass = PrefixCache
+    return PrefixCache
+
+
+_PrefixCacheClass: type | None = None
+
+
+def prefix_cache(num_layers: int, max_len: int):
+    """A transformers KV cache of ``num_layers`` layers in preallocated buffers of ``max_len`` positions whose
+    attention sees exactly the filled prefix, as ``DynamicCache``'s does: outputs are bit-identical to it (see
+    `prefix_cache_class`)."""
+    return prefix_cache_class()(num_layers, max_len)
+
+
+# Generation-config fields that add logits processors or stopping rules, with their neutral values: the fast
+# loop reproduces temperature and top-p only, and leaves anything else to transformers' generate.
+_NEUTRAL = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "min_length": (None, 0),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "remove_invalid_values": (None, False),
+    "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,), "guidance_scale": (None, 1.0), "top_h": (None,), "min_p": (None,),
+    "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "watermarking_config": (None,),
+    "renormalize_logits": (None, False), "max_time": (None,), "stop_strings": (None,), "forced_decoder_ids": (None,),
+    "prompt_lookup_num_tokens": (None,), "num_return_sequences": (None, 1), "cache_implementation": (None,),
+}
+
+
+def _cache_key(model: nn.Module) -> str | None:
+    """The forward's keyword for the KV cache (``cache`` since transformers 5), or None without one."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    key = next((k for k in ("cache", "past_key_values") if k in params), None)
+    return key if key is not None and "logits_to_keep" in params else None
+
+
+def fast_path(model: nn.Module) -> str | None:
+    """None when `generate` can decode ``model`` with its own loop (a decoder-only transformers model whose layers
+    all attend to the full context, with a plain generation config), else why not."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return "not a decoder-only transformers model"
+    if _cache_key(model) is None:
+        return "the forward takes no cache and logits_to_keep"
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return f"layer types {sorted(set(types))} (sliding-window or other attention)"
+    if types is None and getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return "sliding-window attention"
+    gen = getattr(model, "generation_config", None)
+    for name, neutral in _NEUTRAL.items():
+        if getattr(gen, name, None) not in neutral:
+            return f"generation_config.{name}={getattr(gen, name)!r}"
+    return None
+
+
+def _num_layers(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "num_hidden_layers", None) or text.n_layer)
+
+
+# ATen ops whose Inductor code is bit-identical to the eager ATen kernel for every input: single IEEE-rounded
+# arithmetic per element (no fused multiply-add: Inductor compiles with -ffp-contract=off), comparisons,
+# selection and data movement, and their in-place forms. Every other op (reductions such as mean,
+# transcendental functions such as exp, sin, cos, silu, matmuls, attention, the tritium kernels) runs as its
+# eager ATen kernel inside the compiled graph, so compiled and eager forwards agree bit for bit.
+def _exact_ops() -> frozenset:
+    aten, prims = torch.ops.aten, torch.ops.prims
+    return frozenset({
+        aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
+        aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.where.self, aten.clone.default, aten.copy.default,
+        aten.copy_.default, aten._to_copy.default, prims.convert_element_type.default, aten.embedding.default,
+        aten.expand.default, aten.permute.default, aten.slice.Tensor, aten.slice_scatter.default, aten.select.int,
+        aten.select_scatter.default, aten.unsqueeze.default, aten.squeeze.dim, aten.view.default,
+        aten.reshape.default, aten._unsafe_view.default, aten.cat.default, prims.iota.default, aten.full.default,
+        aten.scalar_tensor.default, aten.arange.default, aten.arange.start, aten.arange.start_step, aten.eq.Tensor,
+        aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.le.Tensor,
+        aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.logical_not.default,
+        aten.logical_and.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.alias.default,
+        aten.t.default, aten.transpose.int, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default,
+        aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten.masked_fill.Scalar,
+    })
+
+
+_EXACT_OPS: frozenset | None = None
+
+
+def _exact_backend(gm, example_inputs):
+    """``torch.compile`` backend: Inductor, generating code only for `_exact_ops` (and for ``pow(x, 2)`` when
+    every power in the graph is a square, which both compute as ``x * x``); every other op is called as its
+    eager ATen kernel. A graph pass checks the result and fails the compilation if any other op appears."""
+    from torch._inductor import compile_fx, lowering
+    from torch._inductor import config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from torch._inductor.decomposition import select_decomp_table
+
+    global _EXACT_OPS
+    if _EXACT_OPS is None:
+        _EXACT_OPS = _exact_ops()
+    exact, square = _EXACT_OPS, torch.ops.aten.pow.Tensor_Scalar
+
+    class Check(CustomGraphPass):
+        """Fails the compilation when a graph pass has introduced an op that is neither exact nor eager."""
+
+        def __init__(self, allowed: frozenset) -> None:
+            self.allowed = allowed
+
+        def __call__(self, graph) -> None:
+            for node in graph.nodes:
+                if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                        and node.target not in self.allowed:
+                    raise RuntimeError(f"tritium exact compile: a graph pass introduced {node.target}")
+
+        def uuid(self) -> str:  # part of Inductor's cache key: these graphs are compiled apart from the others
+            return "tritium-exact-ops-2:" + ",".join(sorted(map(str, exact)))
+
+    def inner(graph_module, inputs, **kwargs):
+        nodes = [n for n in graph_module.graph.nodes
+                 if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+        squares = all(n.args[1] == 2 for n in nodes if n.target is square)
+        eager = frozenset(n.target for n in nodes if n.target not in exact and not (n.target is square and squares))
+        # Ops without a lowering are called as eager kernels (Inductor's implicit fallback); the lowering
+        # table is Inductor's own, so it is restored right after this graph is compiled.
+        saved = {op: lowering.lowerings.pop(op) for op in eager if op in lowering.lowerings}
+        realized, fallbacks = set(lowering.needs_realized_inputs), set(lowering.fallbacks)
+        try:
+            with inductor_config.patch({"post_grad_custom_post_pass": Check(exact | eager | {square})}):
+                return compile_fx.compile_fx_inner(graph_module, inputs, **kwargs)
+        finally:
+            for op in eager:
+                lowering.lowerings.pop(op, None)
+            lowering.lowerings.update(saved)
+            for current, before in ((lowering.needs_realized_inputs, realized), (lowering.fallbacks, fallbacks)):
+                for op in set(current) - before:
+                    current.discard(op)
+
+    decompositions = {op: fn for op, fn in select_decomp_table().items() if op in exact}
+    return compile_fx.compile_fx(gm, example_inputs, inner_compile=inner, decompositions=decompositions,
+                                 config_patches={"size_asserts": False, "alignment_asserts": False})
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_step(model: nn.Module, compile: bool = False) -> Callable[[torch.Tensor, object], torch.Tensor]:
+    """``step(ids, cache) -> logits``: ``model``'s forward on ``ids`` ``(1, n)`` with ``cache``, the last position's
+    logits ``(1, 1, vocab)``.
+
+    With ``compile=True`` it is ``torch.compile``'d once per model (fullgraph, dynamic shapes: one graph serves
+    every cache length, without recompiling per token) with a backend under which every op that Inductor
+    could compute differently from eager (reductions, transcendental functions, matmuls, attention) runs as its
+    eager ATen kernel: its logits are bit-identical to the eager forward's.
+    """
+    key = _cache_key(model)
+    ref = weakref.ref(model)
+
+    def step(ids: torch.Tensor, cache: object) -> torch.Tensor:
+        return ref()(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: cache}).logits
+
+    if not compile:
+        return step
+    compiled = _STEPS.get(model)
+    if compiled is None:
+        compiled = _STEPS[model] = torch.compile(step, backend=_exact_backend, fullgraph=True, dynamic=True)
+    return compiled
+
+
+_SHARED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _share_inputs(model: nn.Module) -> None:
+    """Group the frozen layers of ``model`` that read the same input, once per model (one forward on a token)."""
+    from .nn.ternary import TernaryLinear, share_inputs
+
+    if model in _SHARED or not any(isinstance(m, TernaryLinear) for m in model.modules()):
+        return
+    device = model.get_input_embeddings().weight.device
+    share_inputs(model, input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    _SHARED.add(model)
+
+
+def _logits_processors(temperature: float, top_p: float) -> list:
+    """transformers' warpers for sampling at ``temperature`` with ``top_p``, as its ``generate`` builds them."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    processors = []
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return processors
+
+
+def _eos_ids(model: nn.Module) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _decode(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+            streamer: _Streamer, step: Callable) -> None:
+    """Prefill ``ids`` eagerly, then decode with ``step`` (see `decode_step`), choosing each token as
+    transformers' ``generate`` does (argmax, or the warpers, softmax and ``torch.multinomial``)."""
+    device = model.get_input_embeddings().weight.device
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    cache = prefix_cache(_num_layers(model), len(ids) + max_new_tokens)
+    eos, processors = _eos_ids(model), _logits_processors(temperature, top_p) if temperature > 0 else None
+    compiled = step is _STEPS.get(model)
+    seen = prompt
+    streamer.put(prompt.cpu())
+    logits = decode_step(model)(prompt, cache)
+    with contextlib.ExitStack() as stack:
+        for i in range(max_new_tokens):
+            scores = logits[:, -1].to(copy=True, dtype=torch.float32)
+            if processors is None:
+                token = torch.argmax(scores, dim=-1)
+            else:
+                for proc in processors:
+                    scores = proc(seen, scores)
+                token = torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            streamer.put(token.cpu())
+            if int(token) in eos or i == max_new_tokens - 1:
+                break
+            if processors is not None:
+                seen = torch.cat([seen, token[:, None]], dim=-1)
+            if compiled and i == 2:
+                # The first two compiled steps ran with their guards (a cache length of 1 has a graph of its
+                # own); from here on only the cache length changes, so the guards are skipped.
+                stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+            logits = step(token[:, None], cache)
+
+
+def _warm_up(model: nn.Module, step: Callable) -> None:
+    """Compile ``step`` on a scratch cache: a two-token prefill and two decode steps (one graph for every cache
+    length from 2 on)."""
+    cache = prefix_cache(_num_layers(model), 4)
+    device = model.get_input_embeddings().weight.device
+    decode_step(model)(torch.zeros((1, 2), dtype=torch.long, device=device), cache)
+    for _ in range(2):
+        step(torch.zeros((1, 1), dtype=torch.long, device=device), cache)
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -206,8 +519,9 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     on_token: Callable[[int, str], None] | None = None,
+    compile: bool = False,
 ) -> Generation:
-    """Continue ``prompt`` (text, which needs ``tokenizer``, or token ids) with transformers' ``generate``.
+    """Continue ``prompt`` (text, which needs ``tokenizer``, or token ids) as transformers' ``generate`` does.
 
     ``temperature=0`` (the default) decodes greedily, exactly as ``model.generate(..., do_sample=False)``;
     ``temperature > 0`` samples from the softmax at that temperature, restricted to the smallest set of
@@ -216,9 +530,46 @@ def generate(
     end-of-sequence token. ``on_token(id, text)`` is called for every new token as soon as it exists, with
     the text it completes (``""`` while a character is incomplete, or without a tokenizer), and once more
     with id -1 for text still held back at the end. Raises ValueError for bad arguments.
+
+    Decoder-only models (see `fast_path`) are decoded by a loop on their forward with a `prefix_cache`, their
+    frozen layers that read the same input grouped (`tritium.nn.ternary.share_inputs`, once per model);
+    ``compile=True`` compiles the one-token forward first (`decode_step`; the time is ``compile_s``). Tokens,
+    and with a seed sampled tokens, are the same as ``model.generate``'s; other models run ``model.generate``
+    (``compile`` is then ignored).
     """
     ids = prompt_ids(model, prompt, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_p=top_p)
+    streamer = _Streamer(tokenizer, on_token)
+    compile_s = 0.0
+    if fast_path(model) is None:
+        _share_inputs(model)
+        step = decode_step(model, compile)
+        if compile:
+            t0 = time.perf_counter()
+            try:
+                _warm_up(model, step)
+            except Exception as e:  # a model the compiler cannot take: decode eagerly instead
+                warnings.warn(f"tritium.generate: compiling the forward failed ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}); decoding eagerly", stacklevel=2)
+                _STEPS[model] = step = decode_step(model)
+            compile_s = time.perf_counter() - t0
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            _decode(model, ids, max_new_tokens, temperature, top_p, streamer, step)
+        streamer.end()
+    else:
+        _hf_generate(model, ids, max_new_tokens, temperature, top_p, seed, streamer)
+    done = time.perf_counter()
+    first = streamer.first if streamer.first is not None else done
+    start = streamer.start if streamer.start is not None else first
+    text = streamer._text() if tokenizer is not None else None
+    return Generation(streamer.ids, text, len(ids), first - start, done - first, compile_s)
+
+
+def _hf_generate(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, streamer: _Streamer) -> None:
+    """transformers' ``model.generate`` with the same choice of tokens, streaming into ``streamer``."""
     config = model.generation_config
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
@@ -228,16 +579,10 @@ def generate(
     else:
         kwargs.update(do_sample=False)
     input_ids = torch.tensor([ids], dtype=torch.long)
-    streamer = _Streamer(tokenizer, on_token)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
-    done = time.perf_counter()
-    first = streamer.first if streamer.first is not None else done
-    start = streamer.start if streamer.start is not None else first
-    text = streamer._text() if tokenizer is not None else None
-    return Generation(streamer.ids, text, len(ids), first - start, done - first)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -257,6 +602,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample from the smallest set of tokens with this total probability (needs "
                              "--temperature > 0; default 1)")
     parser.add_argument("--seed", type=nonnegative_int, default=None, help="seed for sampling")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the one-token forward first (torch.compile; takes seconds to a minute, "
+                             "then decodes faster with bit-identical tokens)")
 
 
 def _writer(stream, escape: bool) -> Callable[[str], None]:
@@ -304,14 +652,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"{'--ids' if as_ids else '--prompt'}: {_printable(e)}") from None
     try:
-        g = generate(model, ids, tokenizer, seed=args.seed, on_token=on_token, **options)
+        g = generate(model, ids, tokenizer, seed=args.seed, on_token=on_token, compile=args.compile, **options)
         write("\n")
     except BrokenPipeError:  # the reader went away (``| head``): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 1
-    print(f"prefill: {g.prompt_tokens} tokens in {1e3 * g.prefill_s:.1f} ms ({g.prefill_tokens_per_s:.1f} tokens/s); "
-          f"decode: {max(len(g.ids) - 1, 0)} tokens in {g.decode_s:.3f} s ({g.decode_tokens_per_s:.1f} tokens/s)",
-          file=sys.stderr)
+    compiled = f"compile: {g.compile_s:.1f} s; " if args.compile else ""
+    print(f"{compiled}prefill: {g.prompt_tokens} tokens in {1e3 * g.prefill_s:.1f} ms ({g.prefill_tokens_per_s:.1f} "
+          f"tokens/s); decode: {max(len(g.ids) - 1, 0)} tokens in {g.decode_s:.3f} s ({g.decode_tokens_per_s:.1f} "
+          "tokens/s)", file=sys.stderr)
     return 0

@@ -9,22 +9,30 @@ frozen model here). Each variant runs in its own process, so its peak RSS (VmHWM
 
 * ``fp32``: the model at float32; ``bf16``: the model built directly at bfloat16;
 * ``ternary``: a meta-device skeleton filled by `tritium.load` from the saved frozen file, so its
-  float32 linear weights never exist in that process.
+  float32 linear weights never exist in that process; decoded eagerly by transformers' forward with its
+  ``DynamicCache``, as the other rows;
+* ``ternary-compiled``: the same model decoded as `tritium.generation.generate` does (its frozen layers that
+  read the same input grouped, a `tritium.generation.prefix_cache`, the one-token forward compiled by
+  `tritium.generation.decode_step`; the prefill eager), whose greedy tokens are checked against ``ternary``'s
+  (they are bit-identical by construction). ``--no-compile`` leaves the forward eager (and the name says so).
 
 Each process prefills a 16-token prompt and decodes ``--tokens`` tokens greedily at batch 1 with the
-KV cache; decode tokens/s is the median over all repeats of all rounds (rounds alternate the variants,
-so load changes on a shared machine hit them alike).
+KV cache, and separately prefills a 128-token prompt (``prefill128``); decode tokens/s is the median over
+all repeats of all rounds (rounds alternate the variants, so load changes on a shared machine hit them
+alike). Compilation happens before the timed runs and is reported apart (``compile_s``).
 
 ``--peers`` (when llama-cpp-python is importable) adds llama.cpp on the same shape, seed, threads, prompt and
 token count: a model quantized with `tritium.formats.gguf.PRESET` (no input norm inside the linear layers,
 which llama.cpp's graph lacks; otherwise the same as ``ternary``) is frozen, timed by tritium (``preset``)
 and exported as TQ2_0 and TQ1_0 GGUF files that llama.cpp times in their own processes
-(``llamacpp-tq2_0``, ``llamacpp-tq1_0``), so the ratios compare one function on the same weights.
+(``llamacpp-tq2_0``, ``llamacpp-tq1_0``), so the ratios compare one function on the same weights; ``preset``
+is timed eagerly and as ``preset-compiled`` (as ``ternary-compiled``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -40,10 +48,12 @@ import torch
 
 from ..args import UsageError, output_file, positive_int
 
-VARIANTS = ("fp32", "bf16", "ternary")
-PEERS = ("preset", "llamacpp-tq2_0", "llamacpp-tq1_0")
+VARIANTS = ("fp32", "bf16", "ternary", "ternary-compiled")
+PEERS = ("preset", "preset-compiled", "llamacpp-tq2_0", "llamacpp-tq1_0")
 PROMPT = 16
+PROMPT_LONG = 128  # the prompt of the separate prefill measurement
 TARGETS = {"decode_speedup_vs_fp32": 4.0, "linear_weight_ratio": 8.0, "peak_rss_vs_fp32": 0.35}
+PEER_TARGETS = {"decode": 1.25, "prefill128": 1.5}  # preset-compiled / the faster llama.cpp type
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", choices=("2bit", "base3"), default="2bit", help="frozen file storage")
     parser.add_argument("--peers", action="store_true",
                         help="also time llama.cpp (llama-cpp-python) on the same model exported as TQ2_0/TQ1_0 GGUF")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="time the *-compiled rows with an eager forward (skips torch.compile)")
     parser.add_argument("--worker", choices=VARIANTS + PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
 
@@ -70,7 +82,7 @@ def _config(args: argparse.Namespace):
     return LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(256, PROMPT + args.tokens + 1), tie_word_embeddings=True,
+        max_position_embeddings=max(256, PROMPT + args.tokens + 1, PROMPT_LONG), tie_word_embeddings=True,
     )
 
 
@@ -106,12 +118,48 @@ def _generate(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float, l
     return t1 - t0, time.perf_counter() - t1, ids
 
 
-def _prompt(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+@torch.inference_mode()
+def _generate_fast(model, prompt: torch.Tensor, tokens: int, step) -> tuple[float, float, list[int]]:
+    """`_generate` as `tritium.generation.generate` decodes: a prefix cache, the eager prefill, then ``step``
+    (`tritium.generation.decode_step`), its guards skipped after the first two steps as there."""
+    from tritium import generation
+
+    cache = generation.prefix_cache(model.config.num_hidden_layers, prompt.shape[1] + tokens)
+    t0 = time.perf_counter()
+    logits = generation.decode_step(model)(prompt, cache)
+    t1 = time.perf_counter()
+    ids = []
+    with contextlib.ExitStack() as stack:
+        for i in range(tokens):
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            ids.append(int(tok))
+            if i == 2:
+                stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+            logits = step(tok, cache)
+    return t1 - t0, time.perf_counter() - t1, ids
+
+
+@torch.inference_mode()
+def _prefill_long(model, vocab: int, fast: bool) -> float:
+    """Seconds of one forward on a `PROMPT_LONG`-token prompt (the last position's logits), KV cache filled."""
+    from tritium import generation
+
+    prompt = _prompt(vocab, PROMPT_LONG)
+    t0 = time.perf_counter()
+    if fast:
+        generation.decode_step(model)(prompt, generation.prefix_cache(model.config.num_hidden_layers, PROMPT_LONG))
+    else:
+        params = inspect.signature(model.forward).parameters
+        model(input_ids=prompt, use_cache=True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {}))
+    return time.perf_counter() - t0
+
+
+def _prompt(vocab: int, n: int = PROMPT) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(1))
 
 
 def _n_ctx(args: argparse.Namespace) -> int:
-    return max(256, PROMPT + args.tokens + 1)
+    return max(256, PROMPT + args.tokens + 1, PROMPT_LONG)
 
 
 def _llamacpp_generate(llm, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
@@ -144,21 +192,24 @@ def _llamacpp_worker(args: argparse.Namespace) -> int:
     baseline = _rss()
     threads = torch.get_num_threads()
     llm = llama_cpp.Llama(model_path=str(work / f"{args.worker}.gguf"), n_threads=threads,
-                          n_threads_batch=threads, n_ctx=_n_ctx(args), n_batch=max(PROMPT, 32), verbose=False)
+                          n_threads_batch=threads, n_ctx=_n_ctx(args), n_batch=max(PROMPT, PROMPT_LONG, 32),
+                          verbose=False)
     loaded = _rss()
-    prompt = _prompt(args.vocab)[0].tolist()
+    prompt, long = _prompt(args.vocab)[0].tolist(), _prompt(args.vocab, PROMPT_LONG)[0].tolist()
     _llamacpp_generate(llm, prompt, min(4, args.tokens))  # warm-up
     runs = [_llamacpp_generate(llm, prompt, args.tokens) for _ in range(args.repeats)]
-    _write_result(args, work, threads, runs, baseline, loaded)
+    prefill_long = [_llamacpp_generate(llm, long, 0)[0] for _ in range(args.repeats)]
+    _write_result(args, work, threads, runs, baseline, loaded, prefill_long)
     return 0
 
 
 def _write_result(args: argparse.Namespace, work: Path, threads: int, runs: list, baseline: int,
-                  loaded: int) -> None:
+                  loaded: int, prefill_long: list[float], compile_s: float = 0.0) -> None:
     result = {
         "variant": args.worker, "threads": threads,
         "prefill_s": [r[0] for r in runs], "decode_s": [r[1] for r in runs],
         "tokens_per_s": [args.tokens / r[1] for r in runs], "tokens": runs[0][2],
+        "prefill128_s": prefill_long, "compile_s": compile_s,
         "rss_after_imports": baseline, "rss_after_load": loaded, "peak_rss": _peak_rss(),
     }
     (work / f"{args.worker}.{os.getpid()}.json").write_text(json.dumps(result))
@@ -175,10 +226,12 @@ def _worker(args: argparse.Namespace) -> int:
     baseline = _rss()
     cfg = _config(args)
     torch.manual_seed(0)
-    if args.worker in ("ternary", "preset"):
+    fast = args.worker.endswith("-compiled")
+    name = args.worker.removesuffix("-compiled")
+    if name in ("ternary", "preset"):
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
-        tritium.load(work / f"{args.worker}.safetensors", model)
+        tritium.load(work / f"{name}.safetensors", model)
     else:
         old = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32 if args.worker == "fp32" else torch.bfloat16)
@@ -189,9 +242,26 @@ def _worker(args: argparse.Namespace) -> int:
     model.eval()
     loaded = _rss()
     prompt = _prompt(cfg.vocab_size)
-    _generate(model, prompt, min(4, args.tokens))  # warm-up
-    runs = [_generate(model, prompt, args.tokens) for _ in range(args.repeats)]
-    _write_result(args, work, torch.get_num_threads(), runs, baseline, loaded)
+    compile_s = 0.0
+    if fast:
+        from tritium import generation
+
+        generation._share_inputs(model)
+        step = generation.decode_step(model, args.compile)
+        t0 = time.perf_counter()
+        generation._warm_up(model, step)
+        compile_s = time.perf_counter() - t0
+
+        def run(tokens: int) -> tuple[float, float, list[int]]:
+            return _generate_fast(model, prompt, tokens, step)
+    else:
+        def run(tokens: int) -> tuple[float, float, list[int]]:
+            return _generate(model, prompt, tokens)
+    run(min(4, args.tokens))  # warm-up
+    runs = [run(args.tokens) for _ in range(args.repeats)]
+    _prefill_long(model, cfg.vocab_size, fast)  # warm-up
+    prefill_long = [_prefill_long(model, cfg.vocab_size, fast) for _ in range(args.repeats)]
+    _write_result(args, work, torch.get_num_threads(), runs, baseline, loaded, prefill_long, compile_s)
     return 0
 
 
@@ -253,7 +323,7 @@ def _worker_cmd(variant: str, args: argparse.Namespace, work: Path) -> list[str]
     return [sys.executable, "-m", "tritium.cli", "bench", "model", "--worker", variant, "--workdir", str(work),
            "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--hidden", str(args.hidden),
            "--layers", str(args.layers), "--intermediate", str(args.intermediate), "--heads", str(args.heads),
-           "--vocab", str(args.vocab)]
+           "--vocab", str(args.vocab), *([] if args.compile else ["--no-compile"])]
 
 
 def _spawn(variant: str, args: argparse.Namespace, work: Path) -> None:
@@ -276,6 +346,8 @@ def _rows(work: Path, names: tuple[str, ...]) -> dict:
             "tokens_per_s": _median([t for r in runs for t in r["tokens_per_s"]]),
             "tokens_per_s_all": [round(t, 2) for r in runs for t in r["tokens_per_s"]],
             "prefill_ms": 1e3 * _median([t for r in runs for t in r["prefill_s"]]),
+            "prefill128_ms": 1e3 * _median([t for r in runs for t in r["prefill128_s"]]),
+            "compile_s": _median([r["compile_s"] for r in runs]),
             "peak_rss_mb": _median([r["peak_rss"] for r in runs]) / 2**20,
             "rss_after_imports_mb": _median([r["rss_after_imports"] for r in runs]) / 2**20,
             "peak_above_imports_mb": _median([r["peak_rss"] - r["rss_after_imports"] for r in runs]) / 2**20,
@@ -288,27 +360,41 @@ def _peer_summary(work: Path, variants: dict, sizes: dict, version: str) -> dict
     """Rows of the peers and the speed ratios of tritium to llama.cpp (> 1: tritium is faster)."""
     rows = _rows(work, PEERS)
     ratios = {}
-    for ours, row in (("preset", rows["preset"]), ("ternary", variants["ternary"])):
+    ours_rows = {"preset": rows["preset"], "preset-compiled": rows["preset-compiled"],
+                 "ternary": variants["ternary"], "ternary-compiled": variants["ternary-compiled"]}
+    for ours, row in ours_rows.items():
         for q in ("tq2_0", "tq1_0"):
             peer = rows[f"llamacpp-{q}"]
             ratios[f"decode_{ours}_vs_llamacpp_{q}"] = _ratio(row["tokens_per_s"], peer["tokens_per_s"])
             ratios[f"prefill_{ours}_vs_llamacpp_{q}"] = _ratio(peer["prefill_ms"], row["prefill_ms"])
+            ratios[f"prefill128_{ours}_vs_llamacpp_{q}"] = _ratio(peer["prefill128_ms"], row["prefill128_ms"])
+    peers = [rows[f"llamacpp-{q}"] for q in ("tq2_0", "tq1_0")]
+    best = rows["preset-compiled"]
+    ratios["decode_preset-compiled_vs_best_peer"] = _ratio(best["tokens_per_s"], max(p["tokens_per_s"] for p in peers))
+    ratios["prefill128_preset-compiled_vs_best_peer"] = _ratio(min(p["prefill128_ms"] for p in peers),
+                                                               best["prefill128_ms"])
     ref = rows["preset"]["greedy_tokens"]
-    same = {f"llamacpp-{q}": sum(a == b for a, b in zip(rows[f"llamacpp-{q}"]["greedy_tokens"], ref, strict=True))
-            for q in ("tq2_0", "tq1_0")}
+    same = {name: sum(a == b for a, b in zip(rows[name]["greedy_tokens"], ref, strict=True))
+            for name in ("preset-compiled", "llamacpp-tq2_0", "llamacpp-tq1_0")}
+    targets = {"decode_vs_best_peer": PEER_TARGETS["decode"], "prefill128_vs_best_peer": PEER_TARGETS["prefill128"]}
+    met = {"decode_vs_best_peer": ratios["decode_preset-compiled_vs_best_peer"] >= PEER_TARGETS["decode"],
+           "prefill128_vs_best_peer": ratios["prefill128_preset-compiled_vs_best_peer"] >= PEER_TARGETS["prefill128"]}
     return {"llama_cpp": version, "variants": rows, "ratios": ratios, "sizes": sizes,
-            "greedy_tokens_same_as_preset": same,
+            "greedy_tokens_same_as_preset": same, "targets": targets, "targets_met": met,
             "note": "preset and llamacpp-* are the PRESET model (norm=None, as llama.cpp's graph has no input "
                     "norm in linear layers); ternary differs from it only by that norm"}
 
 
 def _summarize(args: argparse.Namespace, work: Path, sizes: dict) -> dict:
     variants = _rows(work, VARIANTS)
-    fp32, tern = variants["fp32"], variants["ternary"]
+    fp32, tern, fast = variants["fp32"], variants["ternary"], variants["ternary-compiled"]
     ratio = _ratio
     ratios = {
         "decode_speedup_vs_fp32": ratio(tern["tokens_per_s"], fp32["tokens_per_s"]),
         "decode_speedup_vs_bf16": ratio(tern["tokens_per_s"], variants["bf16"]["tokens_per_s"]),
+        "decode_compiled_vs_eager": ratio(fast["tokens_per_s"], tern["tokens_per_s"]),
+        "decode_compiled_speedup_vs_fp32": ratio(fast["tokens_per_s"], fp32["tokens_per_s"]),
+        "prefill128_compiled_vs_eager": ratio(tern["prefill128_ms"], fast["prefill128_ms"]),
         "linear_weight_ratio": ratio(sizes["linear_bytes_fp32"], sizes["linear_bytes_ternary"]),
         "file_size_ratio": ratio(sizes["file_bytes_fp32"], sizes["file_bytes_ternary"]),
         "peak_rss_vs_fp32": ratio(tern["peak_rss_mb"], fp32["peak_rss_mb"]),
@@ -327,11 +413,21 @@ def _summarize(args: argparse.Namespace, work: Path, sizes: dict) -> dict:
     return {
         "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
                   "heads": args.heads, "vocab": args.vocab, "tied_embeddings": True,
-                  "prompt": PROMPT, "tokens": args.tokens, "storage": args.storage},
+                  "prompt": PROMPT, "prompt_long": PROMPT_LONG, "tokens": args.tokens, "storage": args.storage},
         "rounds": args.rounds, "repeats": args.repeats, "kernel_backend": kernels.get_backend(),
-        "machine": machine_info(), "sizes": sizes, "variants": variants, "ratios": ratios,
-        "targets": TARGETS, "targets_met": met,
+        "compiled": args.compile, "machine": machine_info(), "sizes": sizes, "variants": variants,
+        "ratios": ratios, "targets": TARGETS, "targets_met": met,
+        "greedy_tokens_compiled_equal_eager": fast["greedy_tokens"] == tern["greedy_tokens"],
     }
+
+
+def _variant_table(variants: dict, width: int) -> list[str]:
+    out = [f"{'variant':<{width}} {'decode tok/s':>12} {'prefill ms':>11} {'prefill128 ms':>14} {'peak RSS MB':>12} "
+           f"{'after imports':>14} {'peak - imports':>15}"]
+    for name, v in variants.items():
+        out.append(f"{name:<{width}} {v['tokens_per_s']:>12.1f} {v['prefill_ms']:>11.1f} {v['prefill128_ms']:>14.1f} "
+                   f"{v['peak_rss_mb']:>12.0f} {v['rss_after_imports_mb']:>14.0f} {v['peak_above_imports_mb']:>15.0f}")
+    return out
 
 
 def _report(r: dict) -> str:
@@ -339,16 +435,16 @@ def _report(r: dict) -> str:
     out = [
         f"Llama decoder: hidden {m['hidden']}, {m['layers']} layers, MLP {m['intermediate']}, {m['heads']} heads, "
         f"vocab {m['vocab']} (tied); {s['linear_params'] / 1e6:.1f}M linear params; prompt {m['prompt']}, "
-        f"{m['tokens']} tokens greedy, batch 1, KV cache",
+        f"{m['tokens']} tokens greedy, batch 1, KV cache; prefill128: one forward on a {m['prompt_long']}-token "
+        "prompt",
         f"{r['machine']['cpu']}, {r['variants']['fp32']['threads']} threads, kernel backend "
         f"{r['kernel_backend']}; medians over {r['rounds']} processes x {r['repeats']} repeats",
-        f"{'variant':<10} {'decode tok/s':>12} {'prefill ms':>11} {'peak RSS MB':>12} {'after imports':>14} "
-        f"{'peak - imports':>15}",
-    ]
-    for name, v in r["variants"].items():
-        out.append(f"{name:<10} {v['tokens_per_s']:>12.1f} {v['prefill_ms']:>11.1f} {v['peak_rss_mb']:>12.0f} "
-                   f"{v['rss_after_imports_mb']:>14.0f} {v['peak_above_imports_mb']:>15.0f}")
-    out += [
+        *_variant_table(r["variants"], 16),
+        f"ternary-compiled: {'compiled' if r['compiled'] else 'NOT compiled (--no-compile)'} one-token forward "
+        f"(compile {r['variants']['ternary-compiled']['compile_s']:.1f} s, before timing), shared input "
+        f"quantization, prefix cache; decode {rt['decode_compiled_vs_eager']:.2f}x, prefill128 "
+        f"{rt['prefill128_compiled_vs_eager']:.2f}x the eager ternary row; greedy tokens "
+        f"{'identical to' if r['greedy_tokens_compiled_equal_eager'] else 'DIFFERENT from'} the eager row's",
         f"files: fp32 {s['file_bytes_fp32'] / 2**20:.1f} MB, ternary ({m['storage']}) "
         f"{s['file_bytes_ternary'] / 2**20:.1f} MB ({rt['file_size_ratio']:.1f}x smaller)",
         f"linear weights: fp32 {s['linear_bytes_fp32'] / 2**20:.1f} MB, packed with scales "
@@ -357,15 +453,15 @@ def _report(r: dict) -> str:
     ]
     t, met = r["targets"], r["targets_met"]
     rows = [
-        ("decode >= 4x fp32", f"{rt['decode_speedup_vs_fp32']:.2f}x (vs bf16 {rt['decode_speedup_vs_bf16']:.2f}x)",
-         met["decode_speedup_vs_fp32"]),
+        ("decode >= 4x fp32", f"{rt['decode_speedup_vs_fp32']:.2f}x (vs bf16 {rt['decode_speedup_vs_bf16']:.2f}x; "
+         f"compiled {rt['decode_compiled_speedup_vs_fp32']:.2f}x)", met["decode_speedup_vs_fp32"]),
         (f"linear weights >= {t['linear_weight_ratio']:.0f}x smaller", f"{rt['linear_weight_ratio']:.2f}x",
          met["linear_weight_ratio"]),
         ("peak RSS <= 0.35x fp32", f"{rt['peak_rss_vs_fp32']:.3f}x", met["peak_rss_vs_fp32"]),
         ("  same, above post-import RSS", f"{rt['peak_above_imports_vs_fp32']:.3f}x",
          met["peak_above_imports_vs_fp32"]),
     ]
-    out += [f"  {name:<32} {value:<28} {'met' if ok else 'NOT met'}" for name, value, ok in rows]
+    out += [f"  {name:<32} {value:<40} {'met' if ok else 'NOT met'}" for name, value, ok in rows]
     if "peers" in r:
         out.append(_peer_report(r["peers"]))
     return "\n".join(out)
@@ -378,25 +474,28 @@ def _peer_report(p: dict) -> str:
     out = [
         f"peers: llama.cpp (llama-cpp-python {p['llama_cpp']}) on the PRESET model (norm=None: llama.cpp's graph "
         "has no input norm in linear layers; 'ternary' above differs from it only by that norm); same shape, "
-        "seed, threads, prompt and tokens; llama.cpp's default F16 KV cache; a speed comparison",
-        f"{'variant':<16} {'decode tok/s':>12} {'prefill ms':>11} {'peak RSS MB':>12} {'after imports':>14} "
-        f"{'peak - imports':>15}",
+        "seed, threads, prompts and tokens; llama.cpp's default F16 KV cache; a speed comparison",
+        *_variant_table(p["variants"], 16),
+        f"files: preset {s['file_bytes_preset'] / 2**20:.1f} MB, TQ2_0 {s['file_bytes_tq2_0'] / 2**20:.1f} "
+        f"MB, TQ1_0 {s['file_bytes_tq1_0'] / 2**20:.1f} MB",
     ]
-    for name, v in p["variants"].items():
-        out.append(f"{name:<16} {v['tokens_per_s']:>12.1f} {v['prefill_ms']:>11.1f} {v['peak_rss_mb']:>12.0f} "
-                   f"{v['rss_after_imports_mb']:>14.0f} {v['peak_above_imports_mb']:>15.0f}")
-    out.append(f"files: preset {s['file_bytes_preset'] / 2**20:.1f} MB, TQ2_0 {s['file_bytes_tq2_0'] / 2**20:.1f} "
-               f"MB, TQ1_0 {s['file_bytes_tq1_0'] / 2**20:.1f} MB")
     n = len(p["variants"]["preset"]["greedy_tokens"])
     same = p["greedy_tokens_same_as_preset"]
-    out.append(f"greedy tokens equal to preset's: TQ2_0 {same['llamacpp-tq2_0']}/{n}, "
-               f"TQ1_0 {same['llamacpp-tq1_0']}/{n}")
+    out.append(f"greedy tokens equal to preset's: preset-compiled {same['preset-compiled']}/{n}, TQ2_0 "
+               f"{same['llamacpp-tq2_0']}/{n}, TQ1_0 {same['llamacpp-tq1_0']}/{n}")
     out.append("tritium / llama.cpp speed (> 1: tritium faster):")
-    for ours in ("preset", "ternary"):
-        out.append(f"  {ours:<8} decode {rt[f'decode_{ours}_vs_llamacpp_tq2_0']:.2f}x TQ2_0, "
+    for ours in ("preset", "preset-compiled", "ternary", "ternary-compiled"):
+        out.append(f"  {ours:<16} decode {rt[f'decode_{ours}_vs_llamacpp_tq2_0']:.2f}x TQ2_0, "
                    f"{rt[f'decode_{ours}_vs_llamacpp_tq1_0']:.2f}x TQ1_0; prefill "
                    f"{rt[f'prefill_{ours}_vs_llamacpp_tq2_0']:.2f}x TQ2_0, "
-                   f"{rt[f'prefill_{ours}_vs_llamacpp_tq1_0']:.2f}x TQ1_0")
+                   f"{rt[f'prefill_{ours}_vs_llamacpp_tq1_0']:.2f}x TQ1_0; prefill128 "
+                   f"{rt[f'prefill128_{ours}_vs_llamacpp_tq2_0']:.2f}x TQ2_0, "
+                   f"{rt[f'prefill128_{ours}_vs_llamacpp_tq1_0']:.2f}x TQ1_0")
+    t, met = p["targets"], p["targets_met"]
+    out.append(f"targets: preset-compiled decode >= {t['decode_vs_best_peer']}x the best peer: "
+               f"{rt['decode_preset-compiled_vs_best_peer']:.2f}x {'met' if met['decode_vs_best_peer'] else 'NOT met'}"
+               f"; prefill128 >= {t['prefill128_vs_best_peer']}x: {rt['prefill128_preset-compiled_vs_best_peer']:.2f}x "
+               f"{'met' if met['prefill128_vs_best_peer'] else 'NOT met'}")
     return "\n".join(out)
 
 

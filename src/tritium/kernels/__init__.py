@@ -44,8 +44,10 @@ compiled library, ``auto`` falls back to the reference with a warning.
 buffers (also inside a worker thread) raises MemoryError; the output is never returned half-written.
 """
 
+import ctypes
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +58,7 @@ from .reference import unpack
 
 __all__ = [
     "pack", "unpack", "ternary_matmul", "quantize_rows", "ternary_linear", "set_backend", "get_backend",
-    "available_backends", "openmp_runtime", "quantize_ternary", "native", "MAX_K",
+    "available_backends", "openmp_runtime", "quantize_ternary", "native", "MAX_K", "ternary_linears",
 ]
 
 MAX_K = 1 << 17
@@ -383,6 +385,116 @@ def ternary_linear(
         _check(bias, "bias", torch.float32, (n,), dev)
         bias = bias.reshape(n)
     return _ternary_linear_op(x, packed.reshape(n, (k + 3) // 4), n, k, sw.reshape(-1), bias)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Several weights on one input: the input norm and quantization once, one native call.
+
+MAX_WEIGHTS = 8  # weights per native call of ternary_linears (tk_ternary_linear_multi)
+_P = ctypes.c_void_p
+_DESCRIPTORS: dict[tuple, ctypes.Array] = {}  # the weights' part of a tk_ternary_linear_multi call, by value
+
+
+def _multi_fn():
+    """The library's several-weights entry point with its argument types, or None (an older library)."""
+    fn = getattr(_lib, "tk_ternary_linear_multi", None) if _lib is not None else None
+    if fn is not None and fn.argtypes is None:
+        fn.argtypes = [ctypes.c_int, _P, ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _ternary_linears_impl(x: Tensor, packed: Sequence[Tensor], n: Sequence[int], k: int, sw: Sequence[Tensor],
+                          bias: Sequence[Tensor | None]) -> list[Tensor]:
+    """``[ternary_linear(x, packed[i], n[i], k, sw[i], bias[i]) ...]`` on validated inputs (``x`` float32
+    ``(M, k)``), quantizing ``x`` once: one native call for up to `MAX_WEIGHTS` weights."""
+    backend = _backend or get_backend()
+    count = len(packed)
+    fn = _multi_fn() if backend != "reference" and 1 < count <= MAX_WEIGHTS else None
+    if fn is None or not (x.is_cpu and all(p.is_cpu for p in packed)):
+        return [_ternary_linear_impl(x, p, ni, k, s, b) for p, ni, s, b in zip(packed, n, sw, bias, strict=True)]
+    x = x.contiguous()
+    # kept alive until the native call returns, as x and the outputs
+    packed, sw = [p.contiguous() for p in packed], [s.contiguous() for s in sw]
+    bias = [None if b is None else b.contiguous() for b in bias]
+    key = tuple(v for p, ni, s, b in zip(packed, n, sw, bias, strict=True)
+                for v in (p.data_ptr(), ni, s.data_ptr(), s.numel() != 1, 0 if b is None else b.data_ptr()))
+    desc = _DESCRIPTORS.get(key)
+    if desc is None:  # a pure function of the key (addresses and sizes), so entries never go stale
+        if len(_DESCRIPTORS) >= 1024:
+            _DESCRIPTORS.clear()
+        desc = _DESCRIPTORS[key] = (ctypes.c_int64 * len(key))(*key)
+    m = x.shape[0]
+    ys = [x.new_empty((m, ni)) for ni in n]
+    rc = fn(_native.NATIVE_IDS[backend], x.data_ptr(), count, desc, (_P * count)(*(y.data_ptr() for y in ys)), m, k,
+            torch.get_num_threads())
+    if rc != 0:
+        _raise(backend, rc)
+    return ys
+
+
+def _frozen_linears_impl(x: Tensor, packed: Sequence[Tensor], n: Sequence[int], k: int, sw: Sequence[Tensor],
+                         bias: Sequence[Tensor | None], norm: str | None) -> list[Tensor]:
+    xf = quant.input_norm(x, norm)
+    if len(packed) == 1:
+        return [_ternary_linear_impl(xf, packed[0], n[0], k, sw[0], bias[0])]
+    return _ternary_linears_impl(xf, packed, n, k, sw, bias)
+
+
+# Defined with torch.library.Library rather than custom_op: the dispatch costs a few microseconds less per call,
+# and compiled decoding calls it a few times per layer and token (it has no autograd formula; TernaryLinear calls
+# it without autograd only).
+_LIBRARY = torch.library.Library("tritium", "FRAGMENT")
+_LIBRARY.define("ternary_linears(Tensor x, Tensor[] packed, int[] n, int k, Tensor[] sw, Tensor?[] bias, str? norm)"
+                " -> Tensor[]")
+_LIBRARY.impl("ternary_linears", _frozen_linears_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("tritium::ternary_linears")
+def _(x: Tensor, packed: list[Tensor], n: list[int], k: int, sw: list[Tensor], bias: list[Tensor | None],
+      norm: str | None) -> list[Tensor]:
+    return [x.new_empty((x.shape[0], ni), dtype=torch.float32) for ni in n]
+
+
+def _ternary_linears_op(x: Tensor, packed: list[Tensor], n: list[int], k: int, sw: list[Tensor],
+                        bias: list[Tensor | None], norm: str | None) -> list[Tensor]:
+    return torch.ops.tritium.ternary_linears.default(x, packed, n, k, sw, bias, norm)
+
+
+def ternary_linears(
+    x: Tensor, packed: Sequence[Tensor], n: Sequence[int], k: int, sw: Sequence[Tensor],
+    bias: Sequence[Tensor | None] | None = None, norm: str | None = None,
+) -> list[Tensor]:
+    """``ternary_linear(input_norm(x, norm), packed[i], n[i], k, sw[i], bias[i])`` for every weight ``i``.
+
+    ``x`` float32 ``(M, k)``; each weight as in `ternary_linear`; ``bias`` None or one entry (None or a
+    tensor) per weight; ``norm`` the parameter-free input norm of `tritium.quant.input_norm` (``None``,
+    ``"layernorm"`` or ``"rmsnorm"``). Every output is bit-identical to its own `ternary_linear` call on the
+    normed input; the norm and the activation quantization run once for all the weights. This is the
+    custom op ``torch.ops.tritium.ternary_linears``: inside ``torch.compile`` the norm stays the eager
+    ATen kernel, so compiled and eager outputs agree bit for bit.
+    """
+    _check_x(x, "ternary_linears")
+    k = int(k)
+    if not 0 <= k == x.shape[1]:
+        raise ValueError(f"ternary_linears: x has {x.shape[1]} columns, expected k={k}")
+    if norm not in (None, "layernorm", "rmsnorm"):
+        raise ValueError(f"ternary_linears: norm={norm!r} must be None, 'layernorm' or 'rmsnorm'")
+    n = [int(v) for v in n]
+    bias = [None] * len(n) if bias is None else list(bias)
+    if not len(packed) == len(n) == len(sw) == len(bias) >= 1:
+        raise ValueError("ternary_linears: packed, n, sw (and bias) need one entry per weight, at least one")
+    dev = x.device
+    for i, (p, ni, s, b) in enumerate(zip(packed, n, sw, bias, strict=True)):
+        if ni < 0:
+            raise ValueError(f"ternary_linears: n[{i}]={ni} must be >= 0")
+        _check(p, f"packed[{i}]", torch.uint8, (ni * ((k + 3) // 4),), dev, "ternary_linears", "x")
+        _check(s, f"sw[{i}]", torch.float32, (1, ni), dev, "ternary_linears", "x")
+        if b is not None:
+            _check(b, f"bias[{i}]", torch.float32, (ni,), dev, "ternary_linears", "x")
+    return _ternary_linears_op(
+        x, [p.reshape(ni, (k + 3) // 4) for p, ni in zip(packed, n, strict=True)], n, k, [s.reshape(-1) for s in sw],
+        [None if b is None else b.reshape(-1) for b in bias], norm)
 
 
 # ------------------------------------------------------------------------------------------------------

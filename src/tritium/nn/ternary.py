@@ -113,6 +113,18 @@ def _product(x: Tensor, packed: Tensor, n: int, k: int, scale: Tensor, bias: Ten
     return kernels._ternary_linear_impl(x, packed, n, k, scale, bias)
 
 
+def _frozen(x: Tensor, layers: tuple[TernaryLinear, ...]) -> list[Tensor]:
+    """Each layer's product of ``x`` (float32 ``(M, in_features)``, not yet normed) without autograd: input norm,
+    quantization and the native call once for all of them. Under ``torch.compile`` the norm runs inside the
+    custom op, as eager ATen, so compiled and eager outputs are bit-identical."""
+    ws = [layer._buffers for layer in layers]
+    packed, scale, bias = [b["weight_packed"] for b in ws], [b["weight_scale"] for b in ws], [b["bias"] for b in ws]
+    n, k, norm = [layer.out_features for layer in layers], layers[0].in_features, layers[0].norm
+    if torch.compiler.is_compiling():
+        return torch.ops.tritium.ternary_linears(x, packed, n, k, scale, bias, norm)
+    return kernels._frozen_linears_impl(x, packed, n, k, scale, bias, norm)
+
+
 def _dequantize(packed: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
     return kernels.unpack(packed, n, k).float() * scale.reshape(-1, 1)
 
@@ -140,6 +152,8 @@ class TernaryLinear(nn.Module):
     Gradients: with respect to the input only, straight-through as in `BitLinear`:
     ``dx = dy @ (q * s)`` through the input norm, identical on every kernel backend.
     """
+
+    _shared: tuple[SharedInput, int] | None = None  # set by share_inputs
 
     def __init__(
         self,
@@ -215,17 +229,18 @@ class TernaryLinear(nn.Module):
                 f"TernaryLinear: expected a floating-point input with last dimension {k}, "
                 f"got {x.dtype} of shape {tuple(x.shape)}"
             )
-        buffers = self._buffers  # one dict lookup each instead of nn.Module.__getattr__ (decode hot path)
-        packed, scale, bias = buffers["weight_packed"], buffers["weight_scale"], buffers["bias"]
-        xf = quant.input_norm(x.float(), self.norm)  # .float() is free for a float32 input
-        if xf.dim() != 2:
-            xf = xf.reshape(-1, k)
-        if xf.shape[0] == 0:
+        x2 = x.float()  # free for a float32 input
+        if x2.dim() != 2:
+            x2 = x2.reshape(-1, k)
+        if x2.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], n)
-        if xf.requires_grad and torch.is_grad_enabled():
-            y = _StraightThrough.apply(xf, packed, n, k, scale, bias)
+        if x2.requires_grad and torch.is_grad_enabled():
+            buffers = self._buffers
+            xf = quant.input_norm(x2, self.norm)
+            y = _StraightThrough.apply(xf, buffers["weight_packed"], n, k, buffers["weight_scale"], buffers["bias"])
         else:
-            y = _product(xf, packed, n, k, scale, bias)
+            shared = self._shared
+            y = _frozen(x2, (self,))[0] if shared is None else shared[0].output(shared[1], x, x2)
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], n)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -249,3 +264,88 @@ class TernaryLinear(nn.Module):
         scale = "channel" if self.per_channel else "tensor"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, norm={self.norm}, scale={scale}")
+
+
+class SharedInput:
+    """Frozen layers that read the same input (e.g. the query, key and value projections of an attention).
+
+    The first of them called with an input computes the outputs of all of them in one native call (one input
+    norm, one activation quantization, one parallel region; `tritium.kernels.ternary_linears`); the others,
+    called with the same tensor, take theirs. Every output is bit-identical to the layer's own. A layer called
+    with another tensor, or a second time, starts a new round. Set up by `share_inputs`.
+    """
+
+    def __init__(self, layers: list[TernaryLinear]) -> None:
+        first = layers[0]
+        if not 2 <= len(layers) <= kernels.MAX_WEIGHTS:
+            raise ValueError(f"a SharedInput takes 2 to {kernels.MAX_WEIGHTS} layers, got {len(layers)}")
+        for layer in layers:
+            if (layer.in_features, layer.norm) != (first.in_features, first.norm):
+                raise ValueError("layers sharing an input need the same in_features and norm")
+        self.layers = tuple(layers)
+        self._x: Tensor | None = None
+        self._out: list[Tensor] | None = None
+        self._pending = 0  # bit i: layer i has not taken its output of this round
+        self._version = -1
+
+    def output(self, i: int, x: Tensor, x2: Tensor) -> Tensor:
+        """Layer ``i``'s product of its input ``x``, given as the float32 ``(M, in_features)`` ``x2`` (no
+        autograd)."""
+        # An input changed in place since the round began is a new input; inference tensors (and traced
+        # ones) have no version counter, there the tensor's identity decides.
+        version = -1 if torch.compiler.is_compiling() or x.is_inference() else x._version
+        if not (self._x is x and self._pending >> i & 1 and version == self._version):
+            self._x, self._out, self._version = x, _frozen(x2, self.layers), version
+            self._pending = (1 << len(self.layers)) - 1
+        y = self._out[i]
+        self._pending &= ~(1 << i)
+        if not self._pending:  # the round is complete: hold no tensors between rounds
+            self._x = self._out = None
+        return y
+
+
+@torch.no_grad()
+def share_inputs(model: nn.Module, *args, **kwargs) -> list[SharedInput]:
+    """Group the `TernaryLinear` layers of ``model`` that read the same input tensor, as seen in one call of
+    ``model(*args, **kwargs)``, into `SharedInput` groups (up to `tritium.kernels.MAX_WEIGHTS` layers each, with
+    the same ``in_features`` and norm) and return them.
+
+    Outputs do not change, bit for bit; layers of a group compute their outputs together. Groups found
+    earlier are dropped first; `unshare_inputs` drops them.
+    """
+    unshare_inputs(model)
+    seen: dict[int, tuple[Tensor, list[TernaryLinear]]] = {}
+
+    def record(layer: nn.Module, inputs: tuple) -> None:
+        if inputs and isinstance(inputs[0], Tensor):
+            seen.setdefault(id(inputs[0]), (inputs[0], []))[1].append(layer)
+
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = []
+    for _, called in seen.values():
+        by_kind: dict[tuple, list[TernaryLinear]] = {}
+        for layer in dict.fromkeys(called):  # each layer once, in call order
+            key = (layer.in_features, layer.norm, layer.weight_packed.device)
+            by_kind.setdefault(key, []).append(layer)
+        for same in by_kind.values():
+            for i in range(0, len(same), kernels.MAX_WEIGHTS):
+                chunk = same[i:i + kernels.MAX_WEIGHTS]
+                if len(chunk) > 1 and all(layer._shared is None for layer in chunk):
+                    group = SharedInput(chunk)
+                    for j, layer in enumerate(chunk):
+                        layer._shared = (group, j)
+                    groups.append(group)
+    return groups
+
+
+def unshare_inputs(model: nn.Module) -> None:
+    """Drop the `SharedInput` groups of ``model``'s layers (see `share_inputs`)."""
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.__dict__.pop("_shared", None)

@@ -263,40 +263,82 @@ static void generic_task(const void *ctx, int64_t t) {
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,bmi2")))
 
 /* GEMV rows: four 2-bit fields isolated by masks in place (field i is scaled by 4^i, undone by an
- * exact arithmetic shift of the int32 sums), so each 64-byte load costs four ANDs and four VPDPBUSD. */
-T512 AI void gemv512_rows(const job_t *j, int64_t m, int64_t n, const int NR) {
+ * exact arithmetic shift of the int32 sums), so each 64-byte load costs four ANDs and four VPDPBUSD. The
+ * full 64-byte chunks run unmasked, the last partial one masked. Four rows at a time keep their sixteen
+ * accumulators in named registers (an accumulator array makes GCC shuffle and spill them). */
+#define GEMV_FIELDS(A, v)                                                \
+    A##0 = _mm512_dpbusd_epi32(A##0, _mm512_and_si512(v, m0), x0);   \
+    A##1 = _mm512_dpbusd_epi32(A##1, _mm512_and_si512(v, m1), x1);   \
+    A##2 = _mm512_dpbusd_epi32(A##2, _mm512_and_si512(v, m2), x2);   \
+    A##3 = _mm512_dpbusd_epi32(A##3, _mm512_and_si512(v, m3), x3)
+#define GEMV_SUM(A) \
+    _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(A##0, _mm512_srai_epi32(A##1, 2)), \
+                                             _mm512_add_epi32(_mm512_srai_epi32(A##2, 4), _mm512_srai_epi32(A##3, 6))))
+#define GEMV_XLOAD(c)                                                               \
+    const __m512i x0 = _mm512_load_si512((const void *)(xp + (c) * 256));         \
+    const __m512i x1 = _mm512_load_si512((const void *)(xp + (c) * 256 + 64));    \
+    const __m512i x2 = _mm512_load_si512((const void *)(xp + (c) * 256 + 128));   \
+    const __m512i x3 = _mm512_load_si512((const void *)(xp + (c) * 256 + 192))
+
+T512 static void gemv512_rows4(const job_t *j, int64_t m, int64_t n) {
     const int8_t *xp = j->xp + m * j->kp;
-    const uint8_t *w = j->w + n * j->kb;
     int64_t kb = j->kb, full = kb / 64, tail = kb % 64;
-    const __m512i mk[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30),
-                           _mm512_set1_epi8((char)0xC0)};
-    __m512i acc[4][4];
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; r++)
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_si512();
-    for (int64_t c = 0; c <= full; c++) {
-        if (c == full && !tail) break;
-        __mmask64 lm = c < full ? ~(__mmask64)0 : (((__mmask64)1 << tail) - 1);
-        __m512i xv[4];
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) xv[i] = _mm512_load_si512((const void *)(xp + c * 256 + i * 64));
-#pragma GCC unroll 4
-        for (int r = 0; r < NR; r++) {
-            _mm_prefetch((const char *)(w + (r + PREFETCH_ROWS) * kb + c * 64), _MM_HINT_T0);
-            __m512i v = _mm512_maskz_loadu_epi8(lm, w + r * kb + c * 64);
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++)
-                acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], _mm512_and_si512(v, mk[i]), xv[i]);
-        }
+    const uint8_t *w0 = j->w + n * kb, *w1 = w0 + kb, *w2 = w1 + kb, *w3 = w2 + kb;
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C), m2 = _mm512_set1_epi8(0x30),
+                  m3 = _mm512_set1_epi8((char)0xC0);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m512i c0 = a0, c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0;
+    const int64_t ahead = PREFETCH_ROWS * kb;
+    for (int64_t c = 0; c < full; c++) {
+        GEMV_XLOAD(c);
+        int64_t o = c * 64;
+        _mm_prefetch((const char *)(w0 + o + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w1 + o + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w2 + o + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w3 + o + ahead), _MM_HINT_T0);
+        __m512i v0 = _mm512_loadu_si512((const void *)(w0 + o)), v1 = _mm512_loadu_si512((const void *)(w1 + o));
+        __m512i v2 = _mm512_loadu_si512((const void *)(w2 + o)), v3 = _mm512_loadu_si512((const void *)(w3 + o));
+        GEMV_FIELDS(a, v0);
+        GEMV_FIELDS(b, v1);
+        GEMV_FIELDS(c, v2);
+        GEMV_FIELDS(d, v3);
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; r++) {
-        __m512i s = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)),
-                                     _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4),
-                                                      _mm512_srai_epi32(acc[r][3], 6)));
-        store(j, m, n + r, _mm512_reduce_add_epi32(s) - j->xsum[m]);
+    if (tail) {
+        GEMV_XLOAD(full);
+        __mmask64 lm = ((__mmask64)1 << tail) - 1;
+        int64_t o = full * 64;
+        __m512i v0 = _mm512_maskz_loadu_epi8(lm, w0 + o), v1 = _mm512_maskz_loadu_epi8(lm, w1 + o);
+        __m512i v2 = _mm512_maskz_loadu_epi8(lm, w2 + o), v3 = _mm512_maskz_loadu_epi8(lm, w3 + o);
+        GEMV_FIELDS(a, v0);
+        GEMV_FIELDS(b, v1);
+        GEMV_FIELDS(c, v2);
+        GEMV_FIELDS(d, v3);
     }
+    int32_t xs = j->xsum[m];
+    store(j, m, n, GEMV_SUM(a) - xs);
+    store(j, m, n + 1, GEMV_SUM(b) - xs);
+    store(j, m, n + 2, GEMV_SUM(c) - xs);
+    store(j, m, n + 3, GEMV_SUM(d) - xs);
+}
+
+T512 static void gemv512_row(const job_t *j, int64_t m, int64_t n) {
+    const int8_t *xp = j->xp + m * j->kp;
+    int64_t kb = j->kb, full = kb / 64, tail = kb % 64;
+    const uint8_t *w0 = j->w + n * kb;
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C), m2 = _mm512_set1_epi8(0x30),
+                  m3 = _mm512_set1_epi8((char)0xC0);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < full; c++) {
+        GEMV_XLOAD(c);
+        __m512i v0 = _mm512_loadu_si512((const void *)(w0 + c * 64));
+        GEMV_FIELDS(a, v0);
+    }
+    if (tail) {
+        GEMV_XLOAD(full);
+        __m512i v0 = _mm512_maskz_loadu_epi8(((__mmask64)1 << tail) - 1, w0 + full * 64);
+        GEMV_FIELDS(a, v0);
+    }
+    store(j, m, n, GEMV_SUM(a) - j->xsum[m]);
 }
 
 /* GEMM block of MR activation rows x NR weight rows: each weight vector is decoded once (shift and
@@ -356,8 +398,8 @@ T512 static void avx512_task(const void *ctx, int64_t t) {
     int64_t m0 = (t % j->tm) * j->bm, m1 = m0 + j->bm < j->M ? m0 + j->bm : j->M;
     if (j->M == 1) {
         int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) gemv512_rows(j, 0, n, 4);
-        for (; n < n1; n++) gemv512_rows(j, 0, n, 1);
+        for (; n + 4 <= n1; n += 4) gemv512_rows4(j, 0, n);
+        for (; n < n1; n++) gemv512_row(j, 0, n);
         return;
     }
     for (int64_t m = m0; m < m1; m += MR512) {
@@ -866,9 +908,61 @@ static quant_fn quantizer(int backend) {
 /* Threads for a pass over M rows of K: small inputs stay on the calling thread. */
 static int row_threads(int64_t M, int64_t K, int nthreads) { return M * K >= (1 << 16) ? nthreads : 1; }
 
-/* The matmul of a prepared job (j->x, j->sx set, or j->xf for fused quantization into j->xq / j->sxw). */
-static int run_matmul(job_t *j, int backend, int nthreads) {
-    int64_t M = j->M, N = j->N, K = j->K;
+/* Matmuls of several weight matrices on the same activations (jobs[0..count): the same x or xf, M and K;
+ * their own w, N, sw, bias and y): the activations are quantized and laid out once, and the tasks of all
+ * the matrices run in one parallel region. Each output element is computed exactly as by a single call. */
+#define MAX_MULTI 8
+
+typedef struct {
+    job_t *jobs;
+    int count;
+    task_fn fn;
+    int64_t first[MAX_MULTI + 1]; /* first task of each job; first[count] = total */
+} multi_t;
+
+static void multi_task(const void *ctx, int64_t t) {
+    const multi_t *mt = ctx;
+    int i = 0;
+    while (t >= mt->first[i + 1]) i++;
+    mt->fn(&mt->jobs[i], t - mt->first[i]);
+}
+
+/* Run fn over the tasks of every job (ceil(N / bn) * tm each) in one parallel region. */
+static void run_jobs(task_fn fn, job_t *js, int count, int nthreads) {
+    multi_t mt = {js, count, fn, {0}};
+    for (int i = 0; i < count; i++) mt.first[i + 1] = mt.first[i] + ceil_div(js[i].N, js[i].bn) * js[i].tm;
+    if (count == 1)
+        parallel_for(fn, js, mt.first[1], nthreads);
+    else
+        parallel_for(multi_task, &mt, mt.first[count], nthreads);
+}
+
+/* Copy the shared activation state of js[0] into the other jobs. */
+static void share_activations(job_t *js, int count) {
+    for (int i = 1; i < count; i++) {
+        js[i].x = js[0].x;
+        js[i].sx = js[0].sx;
+        js[i].kp = js[0].kp;
+        js[i].xs = js[0].xs;
+        js[i].xp = js[0].xp;
+        js[i].xsum = js[0].xsum;
+        js[i].bm = js[0].bm;
+        js[i].tm = js[0].tm;
+        js[i].bn = js[0].bn;
+        js[i].xf = js[0].xf;
+        js[i].xq = js[0].xq;
+        js[i].sxw = js[0].sxw;
+        js[i].quant = js[0].quant;
+        js[i].failed = js[0].failed;
+    }
+}
+
+/* The matmuls of prepared jobs (js[0].x, js[0].sx set, or js[0].xf for fused quantization into js[0].xq /
+ * js[0].sxw; see run_jobs for what the jobs share). */
+static int run_matmul(job_t *js, int count, int backend, int nthreads) {
+    job_t *j = js;
+    int64_t M = j->M, K = j->K, N = 0;
+    for (int i = 0; i < count; i++) N += js[i].N;
     atomic_int failed = 0;
     j->failed = &failed;
     j->quant = quantizer(backend);
@@ -880,7 +974,6 @@ static int run_matmul(job_t *j, int backend, int nthreads) {
     bn = ceil_div(bn, 16) * 16;
     if (M > 1 && bn > 64) bn = 64;
     j->bn = bn;
-    int64_t ntasks = ceil_div(N, bn) * j->tm;
 #if defined(__x86_64__)
     if (!(backend == BACKEND_AMX && M >= AMX_MIN_M))
 #endif
@@ -891,7 +984,8 @@ static int run_matmul(job_t *j, int backend, int nthreads) {
     }
     if (backend == BACKEND_GENERIC && M >= GEN_DIRECT_M) {
         if (j->xf) parallel_for(quant_task, j, M, row_threads(M, K, nthreads));
-        parallel_for(generic_task, j, ntasks, nthreads);
+        share_activations(js, count);
+        run_jobs(generic_task, js, count, nthreads);
         free(j->xq);
         return atomic_load(&failed) ? -2 : 0;
     }
@@ -911,7 +1005,8 @@ static int run_matmul(job_t *j, int backend, int nthreads) {
             return -2;
         }
         parallel_for(prep_plain_task, j, mp, row_threads(M, K, nthreads));
-        parallel_for(amx_task, j, ceil_div(N, j->bn) * j->tm, nthreads);
+        share_activations(js, count);
+        run_jobs(amx_task, js, count, nthreads);
         free(j->xp);
         free(j->xsum);
         return atomic_load(&failed) ? -2 : 0;
@@ -927,16 +1022,17 @@ static int run_matmul(job_t *j, int backend, int nthreads) {
         return -2;
     }
     parallel_for(prep_task, j, M, row_threads(M, K, nthreads));
+    share_activations(js, count);
 #if defined(__x86_64__)
     if (backend != BACKEND_GENERIC)
-        parallel_for(backend == BACKEND_AVX512 ? avx512_task : avx2_task, j, ntasks, nthreads);
+        run_jobs(backend == BACKEND_AVX512 ? avx512_task : avx2_task, js, count, nthreads);
     else
 #elif defined(__aarch64__)
     if (backend == BACKEND_NEON)
-        parallel_for(neon_task, j, ntasks, nthreads);
+        run_jobs(neon_task, js, count, nthreads);
     else
 #endif
-        parallel_for(generic_direct_task, j, ntasks, nthreads);
+        run_jobs(generic_direct_task, js, count, nthreads);
     free(j->xp);
     free(j->xsum);
     free(j->xq);
@@ -958,7 +1054,7 @@ API int tk_ternary_matmul(int backend, const int8_t *x, const uint8_t *w, const 
     int rc = check_args(backend, M, N, K);
     if (rc || M == 0 || N == 0) return rc;
     job_t j = {x, w, sx, sw, bias, y, M, N, K, ceil_div(K, 4), ceil_div(K, 256) * 256, 0, sw_per_channel};
-    return run_matmul(&j, backend, nthreads < 1 ? 1 : nthreads);
+    return run_matmul(&j, 1, backend, nthreads < 1 ? 1 : nthreads);
 }
 
 /* q (M, K) int8 and s (M,) float32 = quantize_act(x (M, K) float32, 8), bit-exact (q = 0 where s is not
@@ -988,7 +1084,40 @@ API int tk_ternary_linear(int backend, const float *x, const uint8_t *w, const f
     job_t j = {NULL, w, sx, sw, bias, y, M, N, K, ceil_div(K, 4), ceil_div(K, 256) * 256, 0, sw_per_channel};
     j.xf = x;
     j.sxw = sx;
-    rc = run_matmul(&j, backend, nthreads < 1 ? 1 : nthreads);
+    rc = run_matmul(&j, 1, backend, nthreads < 1 ? 1 : nthreads);
+    free(sx);
+    return rc;
+}
+
+/* y[i] (M, N_i) = ternary_linear(x (M, K) float32, w_i, sw_i, bias_i) for i < count (1 to 8), weight i described
+ * by desc[5i .. 5i + 4] = {w_i, N_i, sw_i, sw_per_channel_i, bias_i (0: none)} (pointers as integers): the
+ * activations are quantized and laid out once for all the weights, whose tasks share one parallel region.
+ * Each y[i] is bit-identical to its own tk_ternary_linear call. Return codes as tk_ternary_matmul (-3 also
+ * for count outside 1..8). */
+API int tk_ternary_linear_multi(int backend, const float *x, int count, const int64_t *desc, float *const *y,
+                                int64_t M, int64_t K, int nthreads) {
+    if (count < 1 || count > MAX_MULTI) return -3;
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) {
+        int rc = check_args(backend, M, desc[5 * i + 1], K);
+        if (rc) return rc;
+        total += desc[5 * i + 1];
+    }
+    if (M == 0 || total == 0) return 0;
+    float *sx = malloc((size_t)M * sizeof(float));
+    if (!sx) return -2;
+    job_t js[MAX_MULTI];
+    int used = 0;
+    for (int i = 0; i < count; i++) {
+        const int64_t *d = desc + 5 * i;
+        if (d[1] == 0) continue;
+        job_t j = {NULL, (const uint8_t *)(intptr_t)d[0], sx, (const float *)(intptr_t)d[2], (const float *)(intptr_t)d[4],
+                   y[i], M, d[1], K, ceil_div(K, 4), ceil_div(K, 256) * 256, 0, (int)d[3]};
+        j.xf = x;
+        j.sxw = sx;
+        js[used++] = j;
+    }
+    int rc = run_matmul(js, used, backend, nthreads < 1 ? 1 : nthreads);
     free(sx);
     return rc;
 }

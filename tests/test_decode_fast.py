@@ -1,0 +1,323 @@
+"""Fast decoding of frozen transformers models: several weights on one input (`kernels.ternary_linears`), layers
+that share their input (`share_inputs`), the prefix cache, the compiled one-token forward (`decode_step`) and the
+decode loop of `tritium.generation.generate`; each is checked bit for bit against the eager path it replaces."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import tritium
+from tritium import generation
+from tritium import kernels as K
+from tritium.cli import main
+from tritium.nn.ternary import SharedInput, TernaryLinear, share_inputs, unshare_inputs
+
+tf = pytest.importorskip("transformers")
+
+BACKENDS = K.available_backends()
+PROMPT = [5, 9, 17, 3, 44, 2, 8, 61, 30]
+
+
+def _frozen(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny frozen decoder (grouped-query attention; Qwen2 has q/k/v biases), random weights, no EOS."""
+    torch.manual_seed(seed)
+    config_class, model_class = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                                 "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
+    cfg = config_class(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=True, eos_token_id=None, pad_token_id=0, bos_token_id=1)
+    return tritium.freeze(tritium.quantize(model_class(cfg)).eval())
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    return {arch: _frozen(arch) for arch in ("llama", "qwen2")}
+
+
+@torch.inference_mode()
+def _eager_logits(model, ids: list[int], steps: int) -> torch.Tensor:
+    """Greedy decoding by transformers' forward with its DynamicCache: the logits of every step."""
+    out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+    logits = [out.logits[0, -1]]
+    for _ in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=token, cache=out.cache, use_cache=True, logits_to_keep=1)
+        logits.append(out.logits[0, -1])
+    return torch.stack(logits)
+
+
+@torch.inference_mode()
+def _step_logits(model, ids: list[int], steps: int, step) -> torch.Tensor:
+    """The same greedy decoding with a prefix cache, the eager prefill and ``step`` for each token."""
+    cache = generation.prefix_cache(len(model.model.layers), len(ids) + steps)
+    logits = [generation.decode_step(model)(torch.tensor([ids]), cache)[0, -1]]
+    for _ in range(steps):
+        logits.append(step(logits[-1].argmax(-1).reshape(1, 1), cache)[0, -1])
+    return torch.stack(logits)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Several weights on one input.
+
+
+def _weights(ns, k, gen, bias_every=2):
+    qs = [torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8) for n in ns]
+    sws = [torch.rand(n if i % 2 else 1, generator=gen) + 0.1 for i, n in enumerate(ns)]
+    bias = [torch.randn(n, generator=gen) if i % bias_every == 0 else None for i, n in enumerate(ns)]
+    return [K.pack(q) for q in qs], sws, bias
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ternary_linears_matches_separate_calls(backend: str) -> None:
+    """Every output equals its own ternary_linear on the normed input, bit for bit: one row (GEMV), a few, and
+    enough rows for the AMX tiles; weights of different heights (one of them empty), scales per tensor or
+    channel, with and without bias; one to nine weights (above 8, one call per weight)."""
+    from tritium import quant
+
+    gen = torch.Generator().manual_seed(3)
+    old, threads = K.get_backend(), torch.get_num_threads()
+    try:
+        K.set_backend(backend)
+        for nthreads in (1, 2):
+            torch.set_num_threads(nthreads)
+            for m, k, ns in [(1, 1024, (64, 32, 32)), (1, 300, (20, 0, 7)), (3, 256, (48, 16)), (17, 512, (32, 96)),
+                             (40, 70, (16, 16, 16, 16)), (130, 256, (64,)), (2, 64, tuple(range(8, 80, 8)))]:
+                for norm in (None, "layernorm", "rmsnorm"):
+                    x = torch.randn(m, k, generator=gen) * 3
+                    packed, sws, bias = _weights(ns, k, gen)
+                    got = K.ternary_linears(x, packed, ns, k, sws, bias, norm)
+                    xf = quant.input_norm(x, norm)
+                    for i, n in enumerate(ns):
+                        want = K.ternary_linear(xf, packed[i], n, k, sws[i], bias[i])
+                        assert torch.equal(got[i], want), (backend, nthreads, m, k, ns, norm, i)
+    finally:
+        K.set_backend(old)
+        torch.set_num_threads(threads)
+
+
+def test_ternary_linears_validation_and_custom_op() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, generator=gen)
+    packed, sws, bias = _weights((8, 24), 40, gen)
+    with pytest.raises(TypeError, match="ternary_linears"):
+        K.ternary_linears(x.double(), packed, (8, 24), 40, sws)
+    with pytest.raises(ValueError, match="columns"):
+        K.ternary_linears(x, packed, (8, 24), 41, sws)
+    with pytest.raises(ValueError, match="norm"):
+        K.ternary_linears(x, packed, (8, 24), 40, sws, norm="batchnorm")
+    with pytest.raises(ValueError, match="one entry per weight"):
+        K.ternary_linears(x, packed, (8,), 40, sws)
+    with pytest.raises(ValueError, match=r"packed\[1\]"):
+        K.ternary_linears(x, packed, (8, 23), 40, sws)
+    assert [t.shape for t in K.ternary_linears(x, packed, (8, 24), 40, sws)] == [(3, 8), (3, 24)]
+    torch.library.opcheck(torch.ops.tritium.ternary_linears.default, (x, packed, [8, 24], 40, sws, bias, "layernorm"))
+    compiled = torch.compile(lambda x: [y * 2 for y in K.ternary_linears(x, packed, (8, 24), 40, sws, bias, "rmsnorm")],
+                             fullgraph=True, backend="aot_eager")
+    want = [y * 2 for y in K.ternary_linears(x, packed, (8, 24), 40, sws, bias, "rmsnorm")]
+    assert all(torch.equal(a, b) for a, b in zip(compiled(x), want, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Layers that share their input.
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_share_inputs_groups_siblings_bit_identical(arch: str) -> None:
+    model = _frozen(arch, seed=1)
+    ids = torch.tensor([PROMPT * 3])  # 27 rows: the AMX path; one row below
+    with torch.inference_mode():
+        want, want_one = model(input_ids=ids).logits, model(input_ids=ids[:, :1]).logits
+        groups = share_inputs(model, input_ids=ids[:, :1])
+        names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+        assert sorted(sorted(names[id(m)] for m in g.layers) for g in groups) == \
+            [["gate_proj", "up_proj"]] * 2 + [["k_proj", "q_proj", "v_proj"]] * 2
+        assert torch.equal(model(input_ids=ids).logits, want)
+        assert torch.equal(model(input_ids=ids[:, :1]).logits, want_one)
+        assert all(g._x is None and g._out is None for g in groups)  # nothing held between forwards
+        # bf16 activations: the layers compute in float32 and round, grouped or not
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(input_ids=ids).logits
+        unshare_inputs(model)
+        assert all(m._shared is None for m in model.modules() if isinstance(m, TernaryLinear))
+        assert torch.equal(model(input_ids=ids).logits, want)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(input_ids=ids).logits, mixed)
+
+
+def test_shared_input_rounds() -> None:
+    """A group computes once per input: another tensor, a tensor changed in place, or a layer called again
+    starts a new round; with autograd the layers compute (and differentiate) on their own."""
+    torch.manual_seed(2)
+    layers = [_frozen_linear(40, n) for n in (8, 24)]
+    group = SharedInput(layers)
+    for i, layer in enumerate(layers):
+        layer._shared = (group, i)
+    calls = []
+    real = K._frozen_linears_impl
+
+    def spy(x, packed, *args):
+        if len(packed) > 1:  # a group's call (a layer alone computes with one weight)
+            calls.append(len(packed))
+        return real(x, packed, *args)
+
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        alone = [_unshared(layer)(x) for layer in layers]
+    try:
+        K._frozen_linears_impl = spy
+        with torch.no_grad():
+            assert torch.equal(layers[0](x), alone[0]) and torch.equal(layers[1](x), alone[1])
+            assert calls == [2]
+            layers[0](x)
+            x.mul_(2)  # changed in place between the two layers: layer 1 must see the new values
+            assert torch.equal(layers[1](x), _unshared(layers[1])(x))
+            assert calls == [2, 2, 2]
+            assert torch.equal(layers[0](x), _unshared(layers[0])(x))  # the round layer 1 began: no call
+            assert calls == [2, 2, 2]
+            layers[0](x)
+            layers[0](x)  # a layer again before its sibling: a new round each time
+            assert calls == [2, 2, 2, 2, 2]
+    finally:
+        K._frozen_linears_impl = real
+    xg = torch.randn(3, 40, requires_grad=True)
+    layers[1](xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="in_features"):
+        SharedInput([layers[0], _frozen_linear(41, 8)])
+
+
+def _frozen_linear(k: int, n: int) -> TernaryLinear:
+    return tritium.freeze(tritium.quantize(torch.nn.Sequential(torch.nn.Linear(k, n))))[0]
+
+
+def _unshared(layer: TernaryLinear) -> TernaryLinear:
+    twin = TernaryLinear(layer.in_features, layer.out_features, layer.bias is not None, layer.norm, layer.per_channel)
+    twin.load_state_dict(layer.state_dict())
+    return twin
+
+
+# ------------------------------------------------------------------------------------------------------
+# The prefix cache and the compiled one-token forward.
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prefix_cache_matches_dynamic_cache(models, arch: str) -> None:
+    model = models[arch]
+    want = _eager_logits(model, PROMPT, 12)
+    assert torch.equal(_step_logits(model, PROMPT, 12, generation.decode_step(model)), want)
+    cache = generation.prefix_cache(2, 4)
+    with torch.inference_mode(), pytest.raises(ValueError, match="holds 4 positions"):
+        generation.decode_step(model)(torch.tensor([PROMPT[:5]]), cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_decode_bit_identical_without_recompiling(models, arch: str) -> None:
+    """The compiled one-token forward gives the eager logits bit for bit at every cache length, and after the
+    warm-up (one graph for lengths >= 2) it never compiles again, whatever the prompt length."""
+    model = models[arch]
+    generation._share_inputs(model)
+    step = generation.decode_step(model, compile=True)
+    with torch.inference_mode():
+        generation._warm_up(model, step)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for prompt in (PROMPT, PROMPT[:2], PROMPT * 4):
+            assert torch.equal(_step_logits(model, prompt, 20, step), _eager_logits(model, prompt, 20)), prompt
+    assert generation.decode_step(model, compile=True) is step  # compiled once per model
+
+
+def test_exact_backend_matches_eager_ops() -> None:
+    """Ops Inductor compiles (arithmetic, data movement) and ops it leaves to ATen (reductions, transcendental
+    functions) both give the eager results bit for bit, on sizes with vector tails."""
+    def f(x, y):
+        v = x.pow(2).mean(-1, keepdim=True)
+        h = x * torch.rsqrt(v + 1e-6) * y
+        r = torch.cat((-h[..., 8:], h[..., :8]), -1)
+        return torch.nn.functional.silu(h) * r + h.cos() * h.sin() - torch.exp(h / 3) + torch.where(h > 0, h, 2 * h)
+
+    compiled = torch.compile(f, backend=generation._exact_backend, fullgraph=True, dynamic=True)
+    gen = torch.Generator().manual_seed(5)
+    for n in (16, 48, 1000, 1040):
+        for _ in range(3):
+            x, y = torch.randn(3, n, generator=gen) * 4, torch.randn(n, generator=gen)
+            assert torch.equal(compiled(x, y), f(x, y)), n
+
+
+# ------------------------------------------------------------------------------------------------------
+# The decode loop of generate.
+
+
+def _hf(model, ids, new, **kwargs):
+    prompt = torch.tensor([ids])
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=0,
+                          pad_token_id=0, num_beams=1, **kwargs)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_matches_transformers(models, arch: str, compile: bool) -> None:
+    """Greedy and seeded sampled tokens of generate (eager or compiled loop) are transformers' own; the loop's
+    logits are transformers' generate's, bit for bit."""
+    model = models[arch]
+    assert generation.fast_path(model) is None
+    g = generation.generate(model, PROMPT, max_new_tokens=24, compile=compile)
+    out = _hf(model, PROMPT, 24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert g.ids == out.sequences[0, len(PROMPT):].tolist()
+    step = generation.decode_step(model, compile)
+    assert torch.equal(_step_logits(model, PROMPT, 23, step), torch.cat(out.logits))
+    assert (g.compile_s > 0) == compile
+    for seed in (0, 7):
+        s = generation.generate(model, PROMPT, max_new_tokens=24, temperature=1.3, top_p=0.9, seed=seed,
+                                compile=compile)
+        torch.manual_seed(seed)
+        ref = _hf(model, PROMPT, 24, do_sample=True, temperature=1.3, top_p=0.9, top_k=0)
+        assert s.ids == ref[0, len(PROMPT):].tolist(), seed
+    t = generation.generate(model, PROMPT, max_new_tokens=10, temperature=0.7, seed=3, compile=compile)
+    torch.manual_seed(3)
+    assert t.ids == _hf(model, PROMPT, 10, do_sample=True, temperature=0.7, top_k=0)[0, len(PROMPT):].tolist()
+
+
+def test_generate_stops_at_eos_and_leaves_other_configs_to_transformers() -> None:
+    model = _frozen("llama", seed=9)
+    first = generation.generate(model, PROMPT, max_new_tokens=12).ids
+    end = next(i for i, t in enumerate(first) if i > 1 and t not in first[:i])  # a token new at position >= 2
+    model.generation_config.eos_token_id = [90, first[end]]
+    assert generation.fast_path(model) is None
+    g = generation.generate(model, PROMPT, max_new_tokens=12)
+    assert g.ids == first[:end + 1] == _hf(model, PROMPT, 12, do_sample=False)[0, len(PROMPT):].tolist()
+    model.generation_config.eos_token_id = None
+    model.generation_config.repetition_penalty = 1.5  # a logits processor the loop does not reproduce
+    assert "repetition_penalty" in generation.fast_path(model)
+    g = generation.generate(model, PROMPT, max_new_tokens=12, compile=True)  # transformers' generate, no compile
+    assert g.compile_s == 0
+    assert g.ids == _hf(model, PROMPT, 12, do_sample=False)[0, len(PROMPT):].tolist() != first
+
+
+def test_failed_compilation_falls_back_to_eager(monkeypatch) -> None:
+    model = _frozen("llama", seed=5)
+    want = generation.generate(model, PROMPT, max_new_tokens=8).ids
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(generation, "_exact_backend", broken)
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        g = generation.generate(model, PROMPT, max_new_tokens=8, compile=True)
+    assert g.ids == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the eager step is kept: no second attempt
+        assert generation.generate(model, PROMPT, max_new_tokens=8, compile=True).ids == want
+
+
+def test_generate_cli_compile(tmp_path, capsys) -> None:
+    path = tmp_path / "tiny.safetensors"
+    tritium.save(_frozen("qwen2", seed=6), path)
+    argv = ["generate", str(path), "--ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "10"]
+    assert main(argv) == 0
+    plain = capsys.readouterr()
+    assert main([*argv, "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == plain.out and len(plain.out.strip().split(",")) == 10
+    assert "compile: " in compiled.err and "compile: " not in plain.err and "tokens/s" in compiled.err
