@@ -359,9 +359,9 @@ def _exact_backend(gm, example_inputs):
     every power in the graph is a square, which both compute as ``x * x``); every other op is called as its
     eager ATen kernel. A graph pass checks the result and fails the compilation if any other op appears."""
     from torch._inductor import compile_fx, lowering
-    from torch._inductor import config as inductor_config
     from torch._inductor.custom_graph_pass import CustomGraphPass
     from torch._inductor.decomposition import select_decomp_table
+    from torch._library.utils import get_layout_constraint_tag
 
     global _EXACT_OPS
     if _EXACT_OPS is None:
@@ -371,8 +371,7 @@ def _exact_backend(gm, example_inputs):
     class Check(CustomGraphPass):
         """Fails the compilation when a graph pass has introduced an op that is neither exact nor eager."""
 
-        def __init__(self, allowed: frozenset) -> None:
-            self.allowed = allowed
+        allowed: frozenset = frozenset()
 
         def __call__(self, graph) -> None:
             for node in graph.nodes:
@@ -380,8 +379,10 @@ def _exact_backend(gm, example_inputs):
                         and node.target not in self.allowed:
                     raise RuntimeError(f"tritium exact compile: a graph pass introduced {node.target}")
 
-        def uuid(self) -> str:  # part of Inductor's cache key: these graphs are compiled apart from the others
-            return "tritium-exact-ops-2:" + ",".join(sorted(map(str, exact)))
+        def uuid(self) -> str:  # part of the compile caches' keys: these graphs are compiled apart from others
+            return "tritium-exact-ops-3:" + ",".join(sorted(map(str, exact)))
+
+    check = Check()
 
     def inner(graph_module, inputs, **kwargs):
         nodes = [n for n in graph_module.graph.nodes
@@ -392,9 +393,12 @@ def _exact_backend(gm, example_inputs):
         # table is Inductor's own, so it is restored right after this graph is compiled.
         saved = {op: lowering.lowerings.pop(op) for op in eager if op in lowering.lowerings}
         realized, fallbacks = set(lowering.needs_realized_inputs), set(lowering.fallbacks)
+        for op in eager:  # explicit fallbacks: Inductor's implicit ones refuse ops that have a decomposition if $CI
+            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            lowering.make_fallback(op, layout_constraint=constraint, warn=False, override_decomp=True)
+        check.allowed = exact | eager | {square}
         try:
-            with inductor_config.patch({"post_grad_custom_post_pass": Check(exact | eager | {square})}):
-                return compile_fx.compile_fx_inner(graph_module, inputs, **kwargs)
+            return compile_fx.compile_fx_inner(graph_module, inputs, **kwargs)
         finally:
             for op in eager:
                 lowering.lowerings.pop(op, None)
@@ -404,8 +408,9 @@ def _exact_backend(gm, example_inputs):
                     current.discard(op)
 
     decompositions = {op: fn for op, fn in select_decomp_table().items() if op in exact}
+    options = {"size_asserts": False, "alignment_asserts": False, "post_grad_custom_post_pass": check}
     return compile_fx.compile_fx(gm, example_inputs, inner_compile=inner, decompositions=decompositions,
-                                 config_patches={"size_asserts": False, "alignment_asserts": False})
+                                 config_patches=options)
 
 
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -443,9 +448,12 @@ def _share_inputs(model: nn.Module) -> None:
 
     if model in _SHARED or not any(isinstance(m, TernaryLinear) for m in model.modules()):
         return
-    device = model.get_input_embeddings().weight.device
-    share_inputs(model, input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
     _SHARED.add(model)
+    device = model.get_input_embeddings().weight.device
+    try:
+        share_inputs(model, input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    except Exception:  # a forward that needs more than token ids: its layers keep computing on their own
+        pass
 
 
 def _logits_processors(temperature: float, top_p: float) -> list:

@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, help="timed runs per method (default 20, quick 3)")
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's setting)")
     parser.add_argument("--back-to-back", action="store_true",
-                        help="time each method in its own loop of repeated calls (as a layer stack calls it) "
-                             "instead of round-robin across methods")
+                        help="time each method in its own loop of repeated calls, its weights staying in cache when "
+                             "they fit, instead of round-robin across methods (where the other methods' weights "
+                             "evict them between two calls, so every call reads its weights from memory)")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -143,6 +144,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
           " the same call; x fp32 / x int8 = speedup of tern+q; tern GB/s = packed weight bytes/s of tern+q;"
           f" % bw = that as % of the read bandwidth of a {probe['megabytes']} MB sum (weights that stay in cache"
           " can exceed it)")
+    if result["timing"] == "round-robin":
+        print("round-robin: between two calls of one method the others read their own weights (fp32, bf16 and int8"
+              " copies of the layer), which evicts its weights from the caches: every call reads them from memory"
+              " (compare % bw); --back-to-back times calls whose weights stay in cache when they fit")
     errors = {r["int8_error"] for r in rows if r.get("int8_error")}
     for e in errors:
         print(f"int8 dynamic quantization unavailable in this torch, skipped: {e}")
