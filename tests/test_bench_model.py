@@ -45,13 +45,22 @@ def test_bench_model_no_compile_is_passed_to_workers(tmp_path, monkeypatch):
     cmds = []
     monkeypatch.setattr(bench, "_spawn", lambda v, a, w: cmds.append(bench._worker_cmd(v, a, w)) or
                         cli_main(bench._worker_cmd(v, a, w)[3:]))
-    argv = ["bench", "model", "--quick", "--no-compile", "--hidden", "32", "--layers", "1", "--intermediate", "48",
-            "--heads", "4", "--vocab", "64", "--tokens", "2", "--json", str(tmp_path / "b.json")]
+    argv = ["bench", "model", "--quick", "--no-compile", "--profile", "--hidden", "32", "--layers", "1",
+            "--intermediate", "48", "--heads", "4", "--vocab", "64", "--tokens", "2",
+            "--json", str(tmp_path / "b.json")]
     assert cli_main(argv) == 0
-    assert all("--no-compile" in c for c in cmds) and len(cmds) == len(bench.VARIANTS)
+    assert all("--no-compile" in c and "--profile" in c for c in cmds) and len(cmds) == len(bench.VARIANTS)
     r = json.loads((tmp_path / "b.json").read_text())
     assert not r["compiled"] and r["variants"]["ternary-compiled"]["compile_s"] < 5
-    assert "NOT compiled" in bench._report(r)
+    text = bench._report(r)
+    assert "NOT compiled" in text and "decode time per token by part" in text
+    for name, v in r["variants"].items():  # the parts of a profiled token add up to its wall time
+        parts = v["profile"]
+        assert parts["total"] > 0 and all(us >= 0 for us in parts.values()), name
+        assert sum(us for k, us in parts.items() if k != "total") == pytest.approx(parts["total"], abs=1.0), name
+    # the frozen rows spend time in the ternary kernels, the float rows none
+    assert r["variants"]["ternary"]["profile"]["ternary linears"] > 0
+    assert r["variants"]["fp32"]["profile"]["ternary linears"] == 0
 
 
 def _in_process(monkeypatch) -> list[str]:

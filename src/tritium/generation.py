@@ -408,7 +408,8 @@ def _exact_backend(gm, example_inputs):
                     current.discard(op)
 
     decompositions = {op: fn for op, fn in select_decomp_table().items() if op in exact}
-    options = {"size_asserts": False, "alignment_asserts": False, "post_grad_custom_post_pass": check}
+    options = {"size_asserts": False, "alignment_asserts": False, "post_grad_custom_post_pass": check,
+               "pattern_matcher": False, "cpp.min_chunk_size": 1 << 16}
     return compile_fx.compile_fx(gm, example_inputs, inner_compile=inner, decompositions=decompositions,
                                  config_patches=options)
 

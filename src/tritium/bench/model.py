@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time llama.cpp (llama-cpp-python) on the same model exported as TQ2_0/TQ1_0 GGUF")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="time the *-compiled rows with an eager forward (skips torch.compile)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one generation per tritium process and print where a token's time goes")
     parser.add_argument("--worker", choices=VARIANTS + PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
 
@@ -102,24 +104,28 @@ def _peak_rss() -> int:
 
 
 @torch.inference_mode()
-def _generate(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, decode seconds, generated ids): greedy decoding with the KV cache."""
+def _generate(model, prompt: torch.Tensor, tokens: int, around_decode=None) -> tuple[float, float, list[int]]:
+    """(prefill seconds, decode seconds, generated ids): greedy decoding with the KV cache; the decode loop runs
+    inside the context manager ``around_decode`` when one is given (the profiler of `_profile`)."""
     params = inspect.signature(model.forward).parameters
     key = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True, **extra)
-    t1 = time.perf_counter()
     ids = []
-    for _ in range(tokens):
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids.append(int(tok))
-        out = model(input_ids=tok, use_cache=True, **{key: getattr(out, key)}, **extra)
-    return t1 - t0, time.perf_counter() - t1, ids
+    with around_decode or contextlib.nullcontext():
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            ids.append(int(tok))
+            out = model(input_ids=tok, use_cache=True, **{key: getattr(out, key)}, **extra)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, ids
 
 
 @torch.inference_mode()
-def _generate_fast(model, prompt: torch.Tensor, tokens: int, step) -> tuple[float, float, list[int]]:
+def _generate_fast(model, prompt: torch.Tensor, tokens: int, step,
+                   around_decode=None) -> tuple[float, float, list[int]]:
     """`_generate` as `tritium.generation.generate` decodes: a prefix cache, the eager prefill, then ``step``
     (`tritium.generation.decode_step`), its guards skipped after the first two steps as there."""
     from tritium import generation
@@ -127,16 +133,17 @@ def _generate_fast(model, prompt: torch.Tensor, tokens: int, step) -> tuple[floa
     cache = generation.prefix_cache(model.config.num_hidden_layers, prompt.shape[1] + tokens)
     t0 = time.perf_counter()
     logits = generation.decode_step(model)(prompt, cache)
-    t1 = time.perf_counter()
     ids = []
-    with contextlib.ExitStack() as stack:
+    with around_decode or contextlib.nullcontext(), contextlib.ExitStack() as stack:
+        t1 = time.perf_counter()
         for i in range(tokens):
             tok = logits[:, -1].argmax(-1, keepdim=True)
             ids.append(int(tok))
             if i == 2:
                 stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
             logits = step(tok, cache)
-    return t1 - t0, time.perf_counter() - t1, ids
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, ids
 
 
 @torch.inference_mode()
@@ -152,6 +159,50 @@ def _prefill_long(model, vocab: int, fast: bool) -> float:
         params = inspect.signature(model.forward).parameters
         model(input_ids=prompt, use_cache=True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {}))
     return time.perf_counter() - t0
+
+
+# Where a decoded token's time goes: profiler events by name (self times), in this order; the first match wins.
+PROFILE_PARTS = (
+    ("ternary linears", ("tritium::",)),
+    ("head and float matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+                                "mkl::", "onednn::")),
+    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
+    ("compiled code and its wrapper", ("## Call CompiledFxGraph", "Torch-Compiled Region")),
+    ("torch.compile entry (guards, inputs)", ("TorchDynamo Cache Lookup", "Pregraph bytecode",
+                                              "AOTDispatcher Runtime Wrapper")),
+    ("other ATen ops", ("aten::",)),
+)
+
+
+def _profile(run, tokens: int) -> dict:
+    """Microseconds per decoded token by `PROFILE_PARTS` (self times of torch.profiler events) in one profiled
+    generation of ``tokens`` tokens, ``run(tokens, profiler)``; ``python and the rest`` is the decode wall time
+    not covered by any event (Python between ops, the token loop), ``total`` the profiled wall time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from tritium import kernels
+
+    impl = kernels._frozen_linears_impl  # eager frozen layers call it directly, without the op's profiler event
+
+    def recorded(*args):
+        with record_function("tritium::ternary_linears"):
+            return impl(*args)
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    kernels._frozen_linears_impl = recorded
+    try:
+        _, decode_s, _ = run(tokens, prof)
+    finally:
+        kernels._frozen_linears_impl = impl
+    parts = dict.fromkeys([name for name, _ in PROFILE_PARTS] + ["other"], 0.0)
+    for event in prof.key_averages():
+        part = next((name for name, prefixes in PROFILE_PARTS if event.key.startswith(prefixes)), "other")
+        parts[part] += event.self_cpu_time_total
+    per_token = {name: us / tokens for name, us in parts.items()}
+    total = 1e6 * decode_s / tokens
+    per_token["python and the rest"] = max(0.0, total - sum(per_token.values()))
+    per_token["total"] = total
+    return {name: round(us, 1) for name, us in per_token.items()}
 
 
 def _prompt(vocab: int, n: int = PROMPT) -> torch.Tensor:
@@ -204,13 +255,13 @@ def _llamacpp_worker(args: argparse.Namespace) -> int:
 
 
 def _write_result(args: argparse.Namespace, work: Path, threads: int, runs: list, baseline: int,
-                  loaded: int, prefill_long: list[float], compile_s: float = 0.0) -> None:
+                  loaded: int, prefill_long: list[float], compile_s: float = 0.0, profiled: dict | None = None) -> None:
     result = {
         "variant": args.worker, "threads": threads,
         "prefill_s": [r[0] for r in runs], "decode_s": [r[1] for r in runs],
         "tokens_per_s": [args.tokens / r[1] for r in runs], "tokens": runs[0][2],
         "prefill128_s": prefill_long, "compile_s": compile_s,
-        "rss_after_imports": baseline, "rss_after_load": loaded, "peak_rss": _peak_rss(),
+        "rss_after_imports": baseline, "rss_after_load": loaded, "peak_rss": _peak_rss(), "profile": profiled,
     }
     (work / f"{args.worker}.{os.getpid()}.json").write_text(json.dumps(result))
 
@@ -252,16 +303,17 @@ def _worker(args: argparse.Namespace) -> int:
         generation._warm_up(model, step)
         compile_s = time.perf_counter() - t0
 
-        def run(tokens: int) -> tuple[float, float, list[int]]:
-            return _generate_fast(model, prompt, tokens, step)
+        def run(tokens: int, around_decode=None) -> tuple[float, float, list[int]]:
+            return _generate_fast(model, prompt, tokens, step, around_decode)
     else:
-        def run(tokens: int) -> tuple[float, float, list[int]]:
-            return _generate(model, prompt, tokens)
+        def run(tokens: int, around_decode=None) -> tuple[float, float, list[int]]:
+            return _generate(model, prompt, tokens, around_decode)
     run(min(4, args.tokens))  # warm-up
     runs = [run(args.tokens) for _ in range(args.repeats)]
     _prefill_long(model, cfg.vocab_size, fast)  # warm-up
     prefill_long = [_prefill_long(model, cfg.vocab_size, fast) for _ in range(args.repeats)]
-    _write_result(args, work, torch.get_num_threads(), runs, baseline, loaded, prefill_long, compile_s)
+    profiled = _profile(run, args.tokens) if args.profile else None  # after the timed runs
+    _write_result(args, work, torch.get_num_threads(), runs, baseline, loaded, prefill_long, compile_s, profiled)
     return 0
 
 
@@ -323,7 +375,8 @@ def _worker_cmd(variant: str, args: argparse.Namespace, work: Path) -> list[str]
     return [sys.executable, "-m", "tritium.cli", "bench", "model", "--worker", variant, "--workdir", str(work),
            "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--hidden", str(args.hidden),
            "--layers", str(args.layers), "--intermediate", str(args.intermediate), "--heads", str(args.heads),
-           "--vocab", str(args.vocab), *([] if args.compile else ["--no-compile"])]
+           "--vocab", str(args.vocab), *([] if args.compile else ["--no-compile"]),
+           *(["--profile"] if args.profile else [])]
 
 
 def _spawn(variant: str, args: argparse.Namespace, work: Path) -> None:
@@ -352,8 +405,29 @@ def _rows(work: Path, names: tuple[str, ...]) -> dict:
             "rss_after_imports_mb": _median([r["rss_after_imports"] for r in runs]) / 2**20,
             "peak_above_imports_mb": _median([r["peak_rss"] - r["rss_after_imports"] for r in runs]) / 2**20,
             "threads": runs[0]["threads"], "greedy_tokens": runs[0]["tokens"],
+            "profile": _median_profile([r["profile"] for r in runs if r.get("profile")]),
         }
     return variants
+
+
+def _median_profile(profiles: list[dict]) -> dict | None:
+    """The per-part median of several `_profile` results (None without any)."""
+    return {k: round(_median([p[k] for p in profiles]), 1) for k in profiles[0]} if profiles else None
+
+
+def _profile_table(variants: dict) -> list[str]:
+    """Per-token time by part for the variants that were profiled (``--profile``)."""
+    profiled = {name: v["profile"] for name, v in variants.items() if v.get("profile")}
+    if not profiled:
+        return []
+    names = list(profiled)
+    width = max(len(n) for n in names) + 2
+    out = ["decode time per token by part, us (torch.profiler self times in one profiled generation per process, "
+           "median over processes; the profiler itself adds time):",
+           f"  {'part':<38}" + "".join(f"{n:>{width}}" for n in names)]
+    for part in next(iter(profiled.values())):
+        out.append(f"  {part:<38}" + "".join(f"{profiled[n].get(part, 0.0):>{width}.0f}" for n in names))
+    return out
 
 
 def _peer_summary(work: Path, variants: dict, sizes: dict, version: str) -> dict:
@@ -449,6 +523,7 @@ def _report(r: dict) -> str:
         f"{s['file_bytes_ternary'] / 2**20:.1f} MB ({rt['file_size_ratio']:.1f}x smaller)",
         f"linear weights: fp32 {s['linear_bytes_fp32'] / 2**20:.1f} MB, packed with scales "
         f"{s['linear_bytes_ternary'] / 2**20:.1f} MB ({rt['linear_weight_ratio']:.1f}x smaller)",
+        *_profile_table(r["variants"]),
         "targets:",
     ]
     t, met = r["targets"], r["targets_met"]
@@ -478,6 +553,7 @@ def _peer_report(p: dict) -> str:
         *_variant_table(p["variants"], 16),
         f"files: preset {s['file_bytes_preset'] / 2**20:.1f} MB, TQ2_0 {s['file_bytes_tq2_0'] / 2**20:.1f} "
         f"MB, TQ1_0 {s['file_bytes_tq1_0'] / 2**20:.1f} MB",
+        *_profile_table(p["variants"]),
     ]
     n = len(p["variants"]["preset"]["greedy_tokens"])
     same = p["greedy_tokens_same_as_preset"]
