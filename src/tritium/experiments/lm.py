@@ -542,15 +542,325 @@ def _table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
 
 
+def _finite(value: object) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _by_seed(rows: list[dict], metric: str) -> dict[str, dict[int, dict[int, float]]]:
+    """``{variant: {hidden: {seed: metric}}}`` over the rows with a finite ``metric``."""
+    out: dict[str, dict[int, dict[int, float]]] = {}
+    for r in rows:
+        x = _finite(r.get(metric))
+        if x is not None:
+            out.setdefault(variant(r), {}).setdefault(r["hidden"], {})[r.get("seed", 0)] = x
+    return out
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """Mean, minimum and maximum of per-seed values."""
+    return sum(values) / len(values), min(values), max(values)
+
+
+def format_spread(values: list[float], digits: int = 3, signed: bool = True, unit: str = "") -> str:
+    """``+0.120 [+0.100, +0.140]``: the mean and the range over seeds; a single value alone."""
+    def f(x: float) -> str:
+        return f"{round(x, digits) + 0.0:{'+' if signed else ''}.{digits}f}{unit}"  # + 0.0: no "-0.000"
+
+    m, lo, hi = spread(values)
+    return f(m) if len(values) == 1 else f"{f(m)} [{f(lo)}, {f(hi)}]"
+
+
+def paired(table: dict[str, dict[int, dict[int, float]]], a: str, b: str,
+           seeds: list[int]) -> dict[int, list[float]]:
+    """Per hidden size at which variants ``a`` and ``b`` both have every seed of ``seeds``: the
+    differences ``a - b``, seed by seed (in the order of ``seeds``)."""
+    ta, tb = table.get(a, {}), table.get(b, {})
+    return {h: [ta[h][s] - tb[h][s] for s in seeds] for h in sorted(set(ta) & set(tb))
+            if seeds and all(s in ta[h] and s in tb[h] for s in seeds)}
+
+
+def seed_factors(table: dict[str, dict[int, dict[int, float]]], ref: str, v: str,
+                 seeds: list[int]) -> dict[int, list[tuple[float, str]]]:
+    """Per reference hidden size h: the hidden-size factor (`hidden_factors`) of each seed, the curve of
+    ``v`` against the curve of ``ref`` of the same seed, over the hidden sizes where both have every seed
+    (empty with fewer than two such sizes)."""
+    hs = sorted(paired(table, v, ref, seeds))
+    if len(hs) < 2:
+        return {}
+    per_seed = [hidden_factors({h: table[ref][h][s] for h in hs}, {h: table[v][h][s] for h in hs}) for s in seeds]
+    return {h: [f[h] for f in per_seed] for h in hs}
+
+
+def format_factors(factors: list[tuple[float, str]]) -> str:
+    """``1.94x [1.90x, 1.98x]`` (mean and range over seeds) when every seed's factor is measured ("="),
+    else the seeds' factors one by one (``1.9x / > 8x``)."""
+    if all(q == "=" for _, q in factors):
+        return format_spread([f for f, _ in factors], digits=2, signed=False, unit="x")
+    return " / ".join(format_factor(*f) for f in factors)
+
+
+def factor_verdict(factors: list[tuple[float, str]], low: float = 1.5, high: float = 3.0) -> str:
+    """"reproduced" when every seed's factor lies within [low, high]; "not reproduced (1.58 bits need
+    less)" or "... much more)" when every one lies below or above; else "undecided"."""
+    def side(f: float, q: str) -> str:
+        if q == "=":
+            return "in" if low <= f <= high else "less" if f < low else "more"
+        if q == ">":  # the factor is above f
+            return "more" if f >= high else "?"
+        return "less" if f < low else "?"  # "<=": the factor is at most f
+
+    sides = {side(f, q) for f, q in factors}
+    if sides == {"in"}:
+        return "reproduced"
+    if sides == {"less"}:
+        return "not reproduced (1.58 bits need less)"
+    if sides == {"more"}:
+        return "not reproduced (1.58 bits need much more)"
+    return "undecided"
+
+
+def _count(diffs: dict[int, list[float]], test: Callable[[float, float], bool]) -> int:
+    """How many hidden sizes have a range over seeds [min, max] that passes ``test(min, max)``."""
+    return sum(test(min(d), max(d)) for d in diffs.values())
+
+
+def _sizes(k: int, diffs: dict) -> str:
+    return f"{k} of {len(diffs)} size{'s' if len(diffs) != 1 else ''}"
+
+
+def plot_loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    """Validation (solid) and training (dotted) loss against step, mean over seeds: one panel per hidden
+    size, one colour per precision; PTQ rows (no training curve of their own) are left out. None when no
+    row has curves."""
+    from .report import _plt
+
+    curves = [r for r in rows if _family(variant(r)) != "ptq" and isinstance(r.get("curves"), dict)
+              and r["curves"].get("step")]
+    if not curves:
+        return None
+    plt = _plt()
+    hs = sorted({r["hidden"] for r in curves})
+    vs = sorted({variant(r) for r in curves}, key=_order)
+    color = {v: f"C{i % 10}" for i, v in enumerate(vs)}
+    fig, axes = plt.subplots(1, len(hs), figsize=(3.4 * len(hs) + 0.5, 3.2), squeeze=False)
+    for ax, h in zip(axes[0], hs, strict=True):
+        late: list[float] = []  # the losses after the first quarter of the steps, to zoom in on
+        for v in vs:
+            cs = [r["curves"] for r in curves if r["hidden"] == h and variant(r) == v]
+            for key, ls, alpha in (("val_loss", "-", 1.0), ("train_loss", ":", 0.6)):
+                ok = [c for c in cs if c.get(key)]
+                if not ok:
+                    continue
+                n = min(min(len(c[key]), len(c["step"])) for c in ok)
+                ys = [sum(c[key][t] for c in ok) / len(ok) for t in range(n)]
+                ax.plot(ok[0]["step"][:n], ys, ls=ls, alpha=alpha, lw=1, color=color[v])
+                late += [y for y in ys[n // 4:] if math.isfinite(y)]
+        if late:
+            pad = 0.05 * (max(late) - min(late)) or 0.1
+            ax.set_ylim(min(late) - pad, max(late) + pad)
+        ax.set_title(f"hidden {h}", fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("loss (mean over seeds)", fontsize=7)
+    handles = [plt.Line2D([], [], color=color[v], label=v) for v in vs]
+    handles += [plt.Line2D([], [], color="gray", ls="-", label="validation"),
+                plt.Line2D([], [], color="gray", ls=":", label="training")]
+    ncol = min(len(handles), 4)
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=ncol)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.02 + 0.06 * math.ceil(len(handles) / ncol), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _counterparts(variants: list[str]) -> dict[str, list]:
+    """The pairs of variants the report compares: "qat" (1.58-bit QAT, float reference), "measure"
+    (absmedian, absmean QAT), "ptq" (PTQ, the same quantizer as QAT), "cqat" (continual QAT, plain QAT or
+    None, float reference or None). Reference and counterpart share the variant's conversion options."""
+    import dataclasses
+
+    from tritium.config import Precision, parse_precision
+
+    parsed = {}
+    for v in variants:
+        p, _, rest = v.partition(" ")
+        try:
+            parsed[v] = (parse_precision(p), rest)
+        except ValueError:
+            pass
+
+    def find(p: Precision, rest: str) -> str | None:
+        return next((w for w in sorted(parsed, key=_order) if parsed[w] == (p, rest)), None)
+
+    out: dict[str, list] = {"qat": [], "measure": [], "ptq": [], "cqat": []}
+    for v in sorted(parsed, key=_order):
+        p, rest = parsed[v]
+        ref = find(Precision(autocast=p.autocast), rest)
+        if p.family == "ptq" and (q := find(Precision(p.ptq, p.autocast), rest)):
+            out["ptq"].append((v, q))
+        if p.family != "qat":
+            continue
+        if p.switch_at is not None:
+            out["cqat"].append((v, find(dataclasses.replace(p, switch_at=None), rest), ref))
+            continue
+        if p.nominal_bits == 1.58 and ref:
+            out["qat"].append((v, ref))
+        if p.train.measure == "absmedian":
+            mean = find(dataclasses.replace(p, train=dataclasses.replace(p.train, measure="absmean")), rest)
+            if mean:
+                out["measure"].append((v, mean))
+    return out
+
+
+def _factor_answer(factors: dict[int, list[tuple[float, str]]], hs: list[int], verdict: bool = True) -> str:
+    """The hidden-size factor at the smallest reference size where every seed's factor is measured (else
+    the smallest), after the verdict on "about 2x" when ``verdict``."""
+    h = next((h for h in sorted(factors) if all(q == "=" for _, q in factors[h])), min(factors))
+    fs = factors[h]
+    text = (f"**{factor_verdict(fs)}**: " if verdict else "") + f"{format_factors(fs)} hidden at reference hidden {h}"
+    if all(q == ">" for _, q in fs):
+        text += f" (not reached up to hidden {max(hs)})"
+    elif all(q == "<=" for _, q in fs):
+        text += " (reached already at the smallest size)"
+    return text
+
+
+def _answers(task: str, rows: list[dict], seeds: list[int], pairs: dict[str, list]) -> tuple[list[str], list]:
+    """The bullets of the answers section and the rows of the paired-difference table."""
+    val, gap = _by_seed(rows, "val_loss"), _by_seed(rows, "gap")
+    hs_all = sorted({r["hidden"] for r in rows})
+    bullets: list[str] = []
+    diffs: list[tuple[str, dict[int, list[float]]]] = []
+    for q, ref in pairs["qat"]:
+        d = paired(val, q, ref, seeds)
+        diffs.append((f"val_loss: {q} - {ref}", d))
+        if task == "decoder":
+            diffs.append((f"gap: {q} - {ref}", paired(gap, q, ref, seeds)))
+        factors = seed_factors(val, ref, q, seeds)
+        if task == "encoder":
+            claim = f"- Encoder claim (1.58 bits need about 2x the hidden size of {ref}), {q}: "
+            bullets.append(claim + (_factor_answer(factors, hs_all) if factors else
+                                    "_not measurable yet_ (needs two hidden sizes with every seed)"))
+        elif task == "seq2seq":
+            claim = f"- Encoder-decoder claim (stays worse at 1.58 bits), {q}: "
+            if not d:
+                bullets.append(claim + "_not measurable yet_ (no hidden size with every seed)")
+                continue
+            h = max(d)
+            word = ("reproduced" if min(d[h]) > 0 else "not reproduced (1.58 bits at least as good)"
+                    if max(d[h]) <= 0 else "undecided")
+            text = (f"**{word}**: val loss - {ref} = {format_spread(d[h])} at hidden {h}, worse at "
+                    f"{_sizes(_count(d, lambda lo, hi: lo > 0), d)}")
+            if factors:
+                text += f"; width to match {ref}: {_factor_answer(factors, hs_all, verdict=False)}"
+            bullets.append(claim + text)
+        elif task == "decoder":
+            claim = f"- Decoder claim (a regularising effect: smaller train-val gap), {q}: "
+            g = paired(gap, q, ref, seeds)
+            if not g:
+                bullets.append(claim + "_not measurable yet_ (no hidden size with every seed)")
+                continue
+            h = max(g)
+            smaller = [x for x in g if max(g[x]) < 0]
+            word = ("reproduced" if len(smaller) > len(g) / 2 else "not reproduced (gap not smaller)"
+                    if _count(g, lambda lo, hi: lo >= 0) > len(g) / 2 else "undecided")
+            text = (f"**{word}**: gap - {ref} gap = {format_spread(g[h])} at hidden {h}, smaller at "
+                    f"{_sizes(len(smaller), g)}")
+            dv = {x: d[x] for x in g if x in d}
+            if dv:
+                worse, better = _count(dv, lambda lo, hi: lo > 0), _count(dv, lambda lo, hi: hi < 0)
+                text += (f"; val loss - {ref} = {format_spread(dv[max(dv)])} at hidden {max(dv)}, worse at "
+                         f"{_sizes(worse, dv)}" + (f", better at {better}" if better else ""))
+                if smaller and all(x in dv and min(dv[x]) > 0 for x in smaller):
+                    text += ": smaller gap, but from underfitting, not better generalisation"
+                elif smaller and all(x in dv and max(dv[x]) < 0 for x in smaller):
+                    text += ": smaller gap and better validation loss, i.e. better generalisation"
+            bullets.append(claim + text)
+    for med, mean in pairs["measure"]:
+        d = paired(val, med, mean, seeds)
+        diffs.append((f"val_loss: {med} - {mean}", d))
+        if not d:
+            continue
+        better, worse = _count(d, lambda lo, hi: hi < 0), _count(d, lambda lo, hi: lo > 0)
+        par = len(d) - better - worse
+        word = ("absmedian better" if better > len(d) / 2 else "absmean better" if worse > len(d) / 2
+                else "on par" if par > len(d) / 2 else "mixed")
+        h = max(d)
+        bullets.append(f"- Median vs mean ({med} - {mean} val loss): **{word}**: {format_spread(d[h])} at hidden "
+                       f"{h}; absmedian better at {better}, on par at {par}, worse at {_sizes(worse, d)}")
+    means = _means(rows, "val_loss")
+    for p, q in pairs["ptq"]:
+        hs = sorted(set(means.get(p, {})) & set(means.get(q, {})))
+        if not hs:
+            continue
+        qat_better = sum(means[q][h] < means[p][h] for h in hs)
+        word = ("QAT better" if qat_better == len(hs) else "PTQ better" if qat_better == 0 else "mixed")
+        h = hs[-1]
+        bullets.append(f"- PTQ vs QAT ({p} vs {q} val loss, mean over seeds): **{word}**: "
+                       f"{means[p][h]:.3f} vs {means[q][h]:.3f} at hidden {h}; QAT better at "
+                       f"{qat_better} of {len(hs)} size{'s' if len(hs) != 1 else ''}")
+    for c, q, ref in pairs["cqat"]:
+        parts = []
+        for other in (q, ref):
+            if other is None:
+                continue
+            d = paired(val, c, other, seeds)
+            diffs.append((f"val_loss: {c} - {other}", d))
+            if d:
+                h = max(d)
+                word = "better" if max(d[h]) < 0 else "worse" if min(d[h]) > 0 else "on par"
+                better, worse = _count(d, lambda lo, hi: hi < 0), _count(d, lambda lo, hi: lo > 0)
+                parts.append(f"**{word}** than {other}: {format_spread(d[h])} at hidden {h} (better at {better}, "
+                             f"worse at {_sizes(worse, d)})")
+        if parts:
+            bullets.append(f"- Continual QAT {c} val loss: " + "; ".join(parts))
+    return bullets, diffs
+
+
 def report(rows: list[dict], out: Path) -> str:
-    """Scaling plot, hidden-size factors at which 1.58 bits match full precision, train-val gaps, PTQ."""
+    """Answers to the paper's claims with ranges over seeds (paired by seed), the paired differences, the
+    loss curves, then the scaling plot, hidden-size factors, train-val gaps and PTQ from means over seeds."""
     rows = [r for r in rows if "hidden" in r and "precision" in r]
     if not rows:
         return ""
     task = rows[0]["task"]
-    path = plot_scaling(rows, Path(out) / f"{task}_scaling.png", title=f"{task}: final loss vs hidden size")
-    parts = [f"### {task}: scaling with hidden size", "", f"![{task} scaling]({path.name})", ""]
+    out = Path(out)
+    seeds = sorted({r.get("seed", 0) for r in rows})
     hs = sorted({r["hidden"] for r in rows})
+    pairs = _counterparts(list(_means(rows, "val_loss")))
+    bullets, diffs = _answers(task, rows, seeds, pairs)
+    n = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+    parts = [f"### {task}: answers", "",
+             f"Paired by seed (the runs of one seed see the same batches): mean [min, max] of the per-seed values, "
+             f"the range over {n}; a hidden size where a seed is missing is left out.", ""]
+    parts += bullets or ["_nothing to compare yet_"]
+    parts.append("")
+    diffs = [(label, d) for label, d in diffs if d]
+    if diffs:
+        parts += [f"Paired differences (mean [min, max] over {n}; negative: the first is lower):", "",
+                  _table(["difference", *map(str, hs)],
+                         [[label, *(format_spread(d[h]) if h in d else "" for h in hs)] for label, d in diffs])]
+    if task in ("encoder", "seq2seq"):
+        val = _by_seed(rows, "val_loss")
+        body = []
+        for q, ref in pairs["qat"]:
+            f = seed_factors(val, ref, q, seeds)
+            if f:
+                body.append([f"{q} vs {ref}", *(format_factors(f[h]) if h in f else "" for h in hs)])
+        if body:
+            parts += ["Hidden-size factor per seed (seed s of 1.58 bits against seed s of the float run; mean "
+                      f"[min, max] over {n}, or each seed's factor when one is not measured):", "",
+                      _table(["precision vs reference", *(f"reference @ {h}" for h in hs)], body)]
+    curves = plot_loss_curves(rows, out / f"{task}_loss_curves.png", title=f"{task}: loss curves")
+    if curves:
+        parts += [f"![{task} loss curves]({curves.name})", ""]
+    path = plot_scaling(rows, out / f"{task}_scaling.png", title=f"{task}: final loss vs hidden size")
+    parts += [f"### {task}: scaling with hidden size", "", f"![{task} scaling]({path.name})", ""]
     for metric in ("train_loss", "val_loss"):
         means = _means(rows, metric)
         ref = next((v for v in sorted(means, key=_order) if _family(v) == "fp" and " " not in v), None)
@@ -576,7 +886,8 @@ def report(rows: list[dict], out: Path) -> str:
     ptq = [v for v in sorted(gap, key=_order) if _family(v) == "ptq"]
     if ptq:
         fp, q = _means(rows, "fp32_val_loss"), _means(rows, "val_loss")
-        body = [[v, *(f"{fp[v][h]:.3f} → {q[v][h]:.3f}" if h in q[v] else "" for h in hs)] for v in ptq]
+        body = [[v, *(f"{fp[v][h]:.3f} → {q[v][h]:.3f}" if h in q.get(v, {}) and h in fp.get(v, {}) else ""
+                      for h in hs)] for v in ptq]
         parts += ["Post-training quantization: validation loss of the float model → after `tritium.ptq`:", "",
                   _table(["precision", *map(str, hs)], body), ""]
     return "\n".join(parts)

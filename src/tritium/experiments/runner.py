@@ -564,10 +564,10 @@ def write_report(out: Path) -> str:
     for task_name in sorted({r["task"] for r in rows if "task" in r}):
         task_rows = [r for r in rows if r.get("task") == task_name]
         task = load_task(task_name)
+        if hasattr(task, "report"):  # the task's own answers first
+            parts.append(task.report(task_rows, out))
         parts.append(report.generic_report(task_rows, out, task_name, task.GROUP_BY, task.METRIC,
                                            task.HIGHER_IS_BETTER))
-        if hasattr(task, "report"):
-            parts.append(task.report(task_rows, out))
     text = "\n".join(parts).rstrip() + "\n"
     atomic.write_text(out / REPORT, text)
     return text
