@@ -507,6 +507,7 @@ def _decode(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: 
             logits = step(token[:, None], cache)
 
 
+@torch.inference_mode()
 def _warm_up(model: nn.Module, step: Callable) -> None:
     """Compile ``step`` on a scratch cache: a two-token prefill and two decode steps (one graph for every cache
     length from 2 on)."""
