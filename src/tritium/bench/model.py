@@ -255,13 +255,15 @@ def _llamacpp_worker(args: argparse.Namespace) -> int:
 
 
 def _write_result(args: argparse.Namespace, work: Path, threads: int, runs: list, baseline: int,
-                  loaded: int, prefill_long: list[float], compile_s: float = 0.0, profiled: dict | None = None) -> None:
+                  loaded: int, prefill_long: list[float], compile_s: float = 0.0, profiled: dict | None = None,
+                  peak: int | None = None) -> None:
     result = {
         "variant": args.worker, "threads": threads,
         "prefill_s": [r[0] for r in runs], "decode_s": [r[1] for r in runs],
         "tokens_per_s": [args.tokens / r[1] for r in runs], "tokens": runs[0][2],
         "prefill128_s": prefill_long, "compile_s": compile_s,
-        "rss_after_imports": baseline, "rss_after_load": loaded, "peak_rss": _peak_rss(), "profile": profiled,
+        "rss_after_imports": baseline, "rss_after_load": loaded, "peak_rss": peak or _peak_rss(),
+        "profile": profiled,
     }
     (work / f"{args.worker}.{os.getpid()}.json").write_text(json.dumps(result))
 
@@ -312,8 +314,10 @@ def _worker(args: argparse.Namespace) -> int:
     runs = [run(args.tokens) for _ in range(args.repeats)]
     _prefill_long(model, cfg.vocab_size, fast)  # warm-up
     prefill_long = [_prefill_long(model, cfg.vocab_size, fast) for _ in range(args.repeats)]
+    peak = _peak_rss()  # before profiling, which holds its own records
     profiled = _profile(run, args.tokens) if args.profile else None  # after the timed runs
-    _write_result(args, work, torch.get_num_threads(), runs, baseline, loaded, prefill_long, compile_s, profiled)
+    _write_result(args, work, torch.get_num_threads(), runs, baseline, loaded, prefill_long, compile_s, profiled,
+                  peak)
     return 0
 
 
