@@ -339,3 +339,46 @@ def test_encoder_decoder_and_encoder_only(tmp_path, capsys):
     assert capsys.readouterr().out == ",".join(map(str, ref[0, 1:].tolist())) + "\n"
     _one_line_error(main(["generate", str(tmp_path / "encoder.safetensors"), "--ids", "5"]), capsys.readouterr(),
                     "BertForMaskedLM does not generate")
+
+
+def test_model_trained_by_run_decoder_generates(tmp_path, capsys):
+    """``tritium run decoder --save-model`` writes a frozen model with its tokenizer that ``tritium generate`` runs,
+    with transformers' greedy tokens and the run's own validation loss."""
+    from tritium.experiments import lm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES[i % len(SENTENCES)] + f" {i % 7}" for i in range(400)) + "\n")
+    sets = {"hidden": 32, "layers": 1, "head_dim": 16, "vocab_size": 300, "steps": 30, "batch_size": 8,
+            "seq_len": 16, "eval_every": 30, "eval_batches": 2, "warmup": 3, "lr": 0.01}
+    out = tmp_path / "out"
+    argv = ["run", "decoder", "--corpus", str(corpus), "--out", str(out), "--precision", "1.58-absmedian",
+            "--threads", "1", "--no-progress", "--save-model",
+            *(x for k, v in sets.items() for x in ("--set", f"{k}={v}"))]
+    assert main(argv) == 0
+    row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    path = row["model_file"]
+    assert path == str(out / "runs" / row["key"] / "model.safetensors")
+    capsys.readouterr()
+    assert main(["generate", path, "--prompt", "the cat", "--max-new-tokens", "8"]) == 0
+    text, err = capsys.readouterr()
+    assert "tokens/s" in err and text.endswith("\n")
+
+    model, tok = load_pretrained(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert any(isinstance(m, tritium.TernaryLinear) for m in model.modules())
+    assert not any(True for _ in tritium.convert.bit_layers(model))  # frozen: no float latent weights left
+    g = generate(model, "the cat", tok, max_new_tokens=8)
+    assert text == g.text + "\n"
+    prompt = torch.tensor([tok.encode("the cat").ids])
+    ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
+                         pad_token_id=0)
+    assert g.ids == ref[0, prompt.shape[1]:].tolist()
+    # the saved model is the evaluated one: the same validation loss on the run's own evaluation batches
+    corpus_obj = lm._corpus({**row, "val_fraction": 0.1}, type("A", (), {"corpus": str(corpus), "out": str(out)})())
+    batch = lm.make_batch_fn("decoder", corpus_obj, corpus_obj.val, 8, 16)
+    g2 = torch.Generator().manual_seed(1234)
+    train_fn = lm.make_batch_fn("decoder", corpus_obj, corpus_obj.train, 8, 16)
+    for _ in range(2):
+        train_fn(g2)  # the evaluation sets draw the training batches first
+    val = [batch(g2) for _ in range(2)]
+    assert lm.evaluate(model, val) == pytest.approx(row["val_loss"], rel=1e-5)

@@ -123,6 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "cqat precision, the steps after the switch")
     a("--compile", nargs="?", const="inductor", default=None, type=_backend, metavar="BACKEND",
       help="run the model under torch.compile (backend inductor unless given); CPU and GPU")
+    a("--save-model", action="store_true", default=False,
+      help="also save each trained model with its tokenizer as OUT/runs/<key>/model.safetensors (tritium.save; "
+           "frozen for 1.58-bit precisions), ready for tritium generate")
 
 
 def grid(args: argparse.Namespace, protocol: dict) -> list[dict]:
@@ -433,6 +436,8 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         curves["train_loss"].append(evaluate(model, eval_sets["train"], dtype))
         curves["val_loss"].append(evaluate(model, eval_sets["val"], dtype))
     val, tr = curves["val_loss"][-1], curves["train_loss"][-1]
+    if getattr(args, "save_model", False) and work is not None and distributed.is_main():
+        out["model_file"] = str(save_model(model, corpus.tokenizer, work / "model.safetensors"))
     n_tokens = cfg["steps"] * bs * sl
     out["train_split_tokens"] = len(train_split)
     out.update({
@@ -441,6 +446,19 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         "train_s": round(train_s, 2), **tritium.summary(model).as_dict(), "curves": curves,
     })
     return out
+
+
+def save_model(model: torch.nn.Module, tokenizer: object, path: Path) -> Path:
+    """Save a trained model with its tokenizer at ``path`` (`tritium.save`, which stores the model's class and
+    config), its quantized layers frozen in place first, so that `tritium.load_pretrained` and ``tritium generate``
+    run it as it was evaluated."""
+    import tritium
+
+    if any(True for _ in tritium.convert.bit_layers(model)):
+        tritium.freeze(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tritium.save(model.eval(), path, tokenizer=tokenizer)
+    return path
 
 
 def variant(row: dict) -> str:
