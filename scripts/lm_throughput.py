@@ -26,7 +26,7 @@ import tritium
 from tritium.args import positive_int, positive_int_list, precision_list
 from tritium.data.corpus import SPECIALS
 from tritium.experiments import lm
-from tritium.models.transformers import build_model, quantize_excludes
+from tritium.models.transformers import quantize_excludes
 
 N_SENTINELS = 32
 
@@ -45,8 +45,8 @@ def measure(task: str, hidden: int, precision: str, threads: int, args: argparse
     p = tritium.parse_precision(precision)
     corpus = fake_corpus(args.vocab_size)
     torch.manual_seed(0)
-    model = build_model(task, args.vocab_size, hidden, args.layers, args.seq_len, args.head_dim, 0.0,
-                        corpus.pad_id, corpus.bos_id, corpus.eos_id)
+    model = lm.build({"task": task, "hidden": hidden, "layers": args.layers, "seq_len": args.seq_len,
+                      "head_dim": args.head_dim, "dropout": 0.0}, corpus)
     if p.train is not None:
         tritium.quantize(model, p.train, exclude=quantize_excludes(task))
     if args.compile:

@@ -203,3 +203,39 @@ def test_bf16_autocast_and_lambda_warmup_train(spec, dtype, warmup_lambda):
                       dtype=dtype, warmup_lambda=warmup_lambda, progress=False)
     assert all(math.isfinite(v) for v in curves["val_loss"])
     assert all(m.config.lambda_ == 1.0 for _, m in tritium.convert.bit_layers(model))
+
+
+@pytest.mark.parametrize("spec", [None, "1.58-absmedian"])
+def test_masked_positions_only_keeps_the_mlm_loss_and_gradients(spec):
+    """The encoder's head at the labelled positions only: the same loss and gradients as transformers' full head
+    (fp32: within float rounding of a different reduction order), the logits of those positions, and calls
+    without labels unchanged; the state dict keys stay transformers' own."""
+    from tritium.models.transformers import masked_positions_only
+
+    torch.manual_seed(0)
+    full = build_model("encoder", 300, 32, 2, 32, 16, 0.0)
+    fast = build_model("encoder", 300, 32, 2, 32, 16, 0.0)
+    fast.load_state_dict(full.state_dict())
+    masked_positions_only(fast)
+    if spec:
+        for m in (full, fast):
+            tritium.quantize(m, spec, exclude=quantize_excludes("encoder"))
+    assert list(fast.state_dict()) == list(full.state_dict())
+    ids = torch.randint(5, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::7] = ids[:, ::7]  # some labelled positions per row
+    labels[2] = -100  # and a row without any
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    out_full, out_fast = full(**batch), fast(**batch)
+    assert out_fast.logits.shape == (int((labels != -100).sum()), 300)
+    torch.testing.assert_close(out_fast.logits, out_full.logits[labels != -100], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_fast.loss, out_full.loss, rtol=1e-6, atol=1e-6)
+    out_full.loss.backward()
+    out_fast.loss.backward()
+    for (name, a), b in zip(full.named_parameters(), fast.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # without labels: transformers' forward, all positions
+        torch.testing.assert_close(fast(input_ids=ids).logits, full(input_ids=ids).logits)
+    none = {**batch, "labels": torch.full_like(ids, -100)}
+    assert torch.isnan(fast(**none).loss) and torch.isnan(full(**none).loss)  # no label: both NaN, as transformers

@@ -348,10 +348,11 @@ def _corpus(cfg: dict, args: argparse.Namespace):
 
 def build(cfg: dict, corpus) -> torch.nn.Module:
     """The untrained full-precision model of a run config."""
-    from tritium.models.transformers import build_model
+    from tritium.models.transformers import build_model, masked_positions_only
 
-    return build_model(cfg["task"], corpus.vocab_size, cfg["hidden"], cfg["layers"], cfg["seq_len"],
-                       cfg["head_dim"], cfg["dropout"], corpus.pad_id, corpus.bos_id, corpus.eos_id)
+    model = build_model(cfg["task"], corpus.vocab_size, cfg["hidden"], cfg["layers"], cfg["seq_len"],
+                        cfg["head_dim"], cfg["dropout"], corpus.pad_id, corpus.bos_id, corpus.eos_id)
+    return masked_positions_only(model) if cfg["task"] == "encoder" else model
 
 
 def run_one(cfg: dict, args: argparse.Namespace) -> dict:

@@ -64,6 +64,31 @@ def build_model(
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHS}")
 
 
+def masked_positions_only(model):
+    """Make a ``BertForMaskedLM`` compute its MLM head only at the labelled positions (``labels != -100``) when
+    called with ``labels=``: the loss is the same cross-entropy over the same positions, without the
+    vocabulary-sized logits of the ~85% unlabelled ones (most of a small encoder's compute); the returned
+    ``logits`` are then those of the labelled positions only, ``(n, vocab)``. Calls without labels are
+    unchanged. Forward pre-hooks, so the module tree and its state dict stay transformers' own. Returns
+    ``model``."""
+    selected: dict = {}
+
+    def take_labels(module, args, kwargs):
+        labels = kwargs.get("labels")
+        selected["mask"] = None if labels is None else labels != -100
+        if labels is None:
+            return None
+        return args, {**kwargs, "labels": labels[selected["mask"]]}
+
+    def select_rows(module, args):
+        mask = selected.get("mask")
+        return None if mask is None else (args[0][mask], *args[1:])
+
+    model.register_forward_pre_hook(take_labels, with_kwargs=True)
+    model.cls.register_forward_pre_hook(select_rows)
+    return model
+
+
 def quantize_excludes(arch: str, quantize_heads: bool = False, exclude: list[str] | None = None) -> list[str]:
     """The ``exclude`` regexes for `tritium.quantize`: the arch's head (unless ``quantize_heads``) plus
     ``exclude``."""
