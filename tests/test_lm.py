@@ -206,6 +206,53 @@ def test_bf16_autocast_and_lambda_warmup_train(spec, dtype, warmup_lambda):
 
 
 @pytest.mark.parametrize("spec", [None, "1.58-absmedian"])
+def test_fp16_autocast_scales_the_loss_and_resumes_exactly(spec, tmp_path):
+    """Under fp16 autocast the gradients go through a GradScaler (a loss of 1e-6 times the real one still
+    trains: its float16 gradients would flush to zero unscaled), and a checkpoint keeps the scale: with a loss
+    of 100 times the real one, whose scaled gradients overflow until the scale has come down, a run resumed
+    from step 3 ends with the same weights as one run straight through."""
+    from tritium.experiments.checkpoint import Checkpointer
+
+    corpus_ids = torch.arange(40, 300).repeat(20)
+
+    def get_batch(step):
+        ids = C.random_windows(corpus_ids, 4, 16, torch.Generator().manual_seed(step))
+        return {"input_ids": ids, "labels": ids}
+
+    class Tiny(torch.nn.Module):  # the decoder's loss times a factor
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+            torch.manual_seed(0)
+            self.inner = build_model("decoder", 300, 32, 1, 16)
+            if spec:
+                tritium.quantize(self.inner, spec, exclude=quantize_excludes("decoder"))
+
+        def forward(self, **b):
+            out = self.inner(**b)
+            out.loss = out.loss * self.factor
+            return out
+
+    def run(factor, ckpt=None, grad_clip=1.0):
+        model = Tiny(factor)
+        lm.train(model, get_batch, 6, 1e-2, eval_every=100, dtype=torch.float16, progress=False, ckpt=ckpt,
+                 grad_clip=grad_clip)
+        return model.state_dict()
+
+    start = Tiny(1e-6).state_dict()
+    moved = run(1e-6, grad_clip=0.0)
+    assert any(not torch.equal(start[k], moved[k]) for k in start)  # scaled fp16 gradients still train
+    straight = run(100, Checkpointer(tmp_path, every=3, keep=2))
+    meta = json.loads((tmp_path / "ckpt-00000003.json").read_text())
+    assert 0 < meta["grad_scaler"]["scale"] < 2.0 ** 16  # came down from its initial 2^16
+    for f in tmp_path.glob("ckpt-00000006.*"):  # as if the run had stopped after step 3
+        f.unlink()
+    resumed = run(100, Checkpointer(tmp_path, every=3, keep=2, resume=True))
+    for k, v in straight.items():
+        assert torch.equal(v, resumed[k]), k
+
+
+@pytest.mark.parametrize("spec", [None, "1.58-absmedian"])
 def test_masked_positions_only_keeps_the_mlm_loss_and_gradients(spec):
     """The encoder's head at the labelled positions only: the same loss and gradients as transformers' full head
     (fp32: within float rounding of a different reduction order), the logits of those positions, and calls

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -281,3 +282,28 @@ def test_lm_trains_evaluates_and_reuses_bf16_under_autocast(tmp_path):
     bf16, ptq = rows["bf16"], rows["ptq-1.58-absmedian+bf16"]
     assert ptq["fp32_val_loss"] == pytest.approx(bf16["val_loss"], rel=1e-4)  # the bf16 run's weights
     assert ptq["layers_converted"] > 0 and ptq["curves"]["step"] == [3, 3]
+
+
+def test_fp16_autocast_trains_through_a_grad_scaler(tmp_path, monkeypatch):
+    """xor and mlp (sparse embedding gradients) under fp16 autocast: every optimizer step goes through an
+    enabled GradScaler, and the runs finish with finite results; bf16 steps through a disabled one."""
+    from test_data import write_text_gcn
+
+    steps = []
+    step = torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step",
+                        lambda self, opt, *a, **k: steps.append(self.is_enabled()) or step(self, opt, *a, **k))
+    out = tmp_path / "o"
+    assert main(["run", "xor", "--set", "epochs=3", "--seeds", "1", "--no-progress", "--out", str(out),
+                 "--precision", "fp16,1.58-absmean+fp16"]) == 0
+    assert steps == [True] * 6
+    write_text_gcn(tmp_path)
+    assert main(["run", "mlp", "--dataset", "tiny", "--data-dir", str(tmp_path), "--out", str(out), "--no-progress",
+                 "--precision", "1.58-absmedian+fp16,bf16", "--set", "epochs=2", "--set", "hidden=8",
+                 "--set", "val_fraction=0.2", "--set", "min_count=1"]) == 0
+    assert steps[6:] and True in steps[6:] and False in steps[6:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["test_acc"]) and math.isfinite(r["final_train_loss"]) for r in rows)
+    assert parse_precision("fp16").grad_scaler().is_enabled()
+    assert not parse_precision("1.58-absmedian+bf16").grad_scaler().is_enabled()
+    assert not parse_precision("fp32").grad_scaler().is_enabled()

@@ -319,6 +319,13 @@ class Precision:
         dtype = self.autocast_dtype
         return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
+    def grad_scaler(self, device_type: str = "cpu"):
+        """A ``torch.amp.GradScaler`` for training under this precision: enabled for the fp16 autocast (whose
+        small gradients would underflow in float16), a pass-through otherwise."""
+        import torch
+
+        return torch.amp.GradScaler(device_type, enabled=self.autocast == "fp16")
+
     def __str__(self) -> str:
         if self.family == "fp":
             return self.autocast or "fp32"

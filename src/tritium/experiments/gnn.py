@@ -95,13 +95,15 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
 
     curves: dict[str, list] = {"step": [], "train_loss": [], "val_acc": [], "test_acc": []}
     best_val, test_at_best = -1.0, 0.0
+    scaler = precision.grad_scaler()
     for epoch in progress(range(cfg["epochs"]), args, desc=f"{cfg['arch']} {cfg['dataset']} {cfg['precision']}"):
         model.train()
         with precision.autocast_context():
             loss = F.cross_entropy(model(data.x, data.edge_index)[data.train_mask], data.y[data.train_mask])
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         val_acc, test_acc = accuracy()
         if val_acc > best_val:
             best_val, test_at_best = val_acc, test_acc

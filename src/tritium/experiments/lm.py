@@ -232,7 +232,8 @@ def train(
     """Train ``model`` for ``steps`` AdamW steps on ``get_batch(step)``; return the loss curves.
 
     Losses on each of ``eval_sets`` (name -> fixed batches) are recorded every ``eval_every`` steps and
-    at the end as ``curves[name + "_loss"]``. ``dtype`` is an autocast dtype (bf16) or None (fp32);
+    at the end as ``curves[name + "_loss"]``. ``dtype`` is an autocast dtype (bf16; fp16 also scales the
+    loss with a ``torch.amp.GradScaler``, whose state checkpoints keep) or None (fp32);
     ``warmup_lambda`` blends quantized layers in from full precision over that many steps.
 
     ``switch = (k, convert)`` (continual QAT): ``convert(model)`` runs once, at the start of step ``k``
@@ -283,6 +284,9 @@ def train(
         do_switch()  # the checkpoint holds the converted model's (identically named) parameters
     if meta is not None and blend is not None and meta.get("lambda") is not None:  # None: saved before the switch
         blend.load_state_dict(meta["lambda"])
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=dtype == torch.float16)
+    if meta is not None and meta.get("grad_scaler"):  # the fp16 loss scale, for an exact resume
+        scaler.load_state_dict(meta["grad_scaler"])
     if compile:
         model.compile(backend=compile)
     device_type = next(model.parameters()).device.type
@@ -308,11 +312,13 @@ def train(
                 with distributed.grad_sync(model, i == len(micro) - 1), \
                         torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
                     loss = model(**b).loss / len(micro)
-                loss.backward()
+                scaler.scale(loss).backward()
                 total += loss.detach().float().cpu()
             if grad_clip:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             if blend is not None:
                 blend.step()
@@ -323,6 +329,7 @@ def train(
             if ckpt.due(step + 1) or stopping:
                 ckpt.save(step + 1, model, opt, {
                     "curves": curves, "losses": losses, "lambda": blend.state_dict() if blend else None,
+                    "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "data": {"next_step": step + 1}, "global_batch": len(next(iter(batch.values()))),
                     "lr_schedule": {"steps": steps, "lr": lr, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
                                     "last_lr": opt.param_groups[0]["lr"]},

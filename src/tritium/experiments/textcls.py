@@ -120,6 +120,7 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(cfg["seed"])
     curves: dict[str, list] = {"step": [], "train_loss": [], "val_acc": [], "test_acc": []}
     best_val, test_at_best = -1.0, 0.0
+    scaler = precision.grad_scaler()
     for epoch in progress(range(cfg["epochs"]), args, desc=f"{cfg['dataset']} {cfg['precision']}"):
         model.train()
         perm = torch.randperm(len(ds.train), generator=g)
@@ -130,8 +131,9 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
             with precision.autocast_context():
                 loss = F.cross_entropy(model(ids, offsets), ds.train.labels[index])
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             loss_sum += loss.item() * len(index)
         opt.sync()

@@ -49,14 +49,16 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
         tritium.quantize(model, precision.train)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     curves: dict[str, list] = {"step": [], "train_loss": [], "train_acc": []}
+    scaler = precision.grad_scaler()
     for epoch in progress(range(cfg["epochs"]), args, desc="epochs"):
         model.train()
         with precision.autocast_context():
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if (epoch + 1) % 10 == 0 or epoch == 0:
             curves["step"].append(epoch + 1)
             curves["train_loss"].append(loss.item())
