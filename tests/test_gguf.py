@@ -4,7 +4,6 @@ tritium's own logits (skipped when llama_cpp is not installed)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +15,18 @@ pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from transformers import (  # noqa: E402
-    BitNetConfig,
-    BitNetForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 import tritium  # noqa: E402
+from helpers import random_decoder, shakespeare_text, train_bpe  # noqa: E402
 from tritium import kernels  # noqa: E402
 from tritium.cli import main  # noqa: E402
 from tritium.formats import ExportError  # noqa: E402
 from tritium.formats.gguf import PRESET, GGUFExportError  # noqa: E402
 
-SHARED = Path(os.environ.get("TRITIUM_DATA", Path(__file__).parents[2] / "shared" / "data"))
-SHAKESPEARE = SHARED / "lm" / "tinyshakespeare.txt"
 VOCAB = 512
-ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-         "qwen2": (Qwen2Config, Qwen2ForCausalLM), "bitnet": (BitNetConfig, BitNetForCausalLM)}
 #: What llama.cpp's bitnet graph computes: SiLU (transformers' BitNet default is relu2) and a tied head.
 BITNET = {"hidden_act": "silu", "tie_word_embeddings": True}
 #: llama.cpp architecture of each transformers architecture.
@@ -49,30 +37,15 @@ SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:
 
 def train_tokenizer(text: str, vocab: int = VOCAB) -> tokenizers.Tokenizer:
     """A byte-level BPE (GPT-2 style) with one special token, id 0."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([text], trainer)
-    return tok
+    return train_bpe(text, vocab)
 
 
 def tiny(arch: str = "llama", config: tritium.BitConfig | None = PRESET, seed: int = 0, **kw) -> torch.nn.Module:
     """A random 2-block decoder of ``arch`` (hidden 256, GQA 4/2 heads of 64), quantized with ``config``."""
-    conf_cls, model_cls = ARCHS[arch]
     args = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=0,
                 eos_token_id=0, pad_token_id=None)
-    args.update(kw)
-    torch.manual_seed(seed)
-    model = model_cls(conf_cls(**args)).eval()
-    with torch.no_grad():  # norms away from 1 and non-zero biases, so that a misplaced tensor shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.copy_(torch.rand_like(p) + (0.5 if name.endswith("norm.weight") else -0.5))
+    model = random_decoder(arch, seed, **{**args, **kw})
     return model if config is None else tritium.quantize(model, config)
 
 
@@ -423,9 +396,7 @@ def shakespeare():
     """tiny-shakespeare's byte-level BPE of 512 tokens (trained on its first 400,000 characters) and its token
     ids, split into the first 90% (training) and the rest (held out)."""
     llama_cpp_or_skip()
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent (the shared tiny-shakespeare copy; set TRITIUM_DATA)")
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = shakespeare_text()
     tok = train_tokenizer(text[:400_000])
     ids = torch.tensor(tok.encode(text).ids)
     split = int(0.9 * len(ids))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import signal
 import struct
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import tritium  # noqa: E402
+from helpers import deadline  # noqa: E402
 from test_gguf import SAMPLE, tiny, train_tokenizer  # noqa: E402
 from tritium.formats import import_gguf  # noqa: E402
 from tritium.formats.gguf import MAX_GGUF_TENSORS, PRESET  # noqa: E402
@@ -145,18 +145,9 @@ class Hang(KeyboardInterrupt):
     """Raised by the alarm (a KeyboardInterrupt, so that no ``except Exception`` in the importer swallows it)."""
 
 
-@contextlib.contextmanager
 def limit(seconds: int):
-    def boom(*_):
-        raise Hang(f"took more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    """`helpers.deadline` raising `Hang`."""
+    return deadline(seconds, Hang)
 
 
 def permute(t: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -6,7 +6,6 @@ compute what transformers computes; both round trips; and the refusals."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers.integrations.bitnet import BitLinear as HFBitLinear  # noqa: E
 from transformers.integrations.bitnet import pack_weights  # noqa: E402
 
 import tritium  # noqa: E402
+from helpers import random_decoder, shakespeare_text, train_bpe  # noqa: E402
 from tritium import kernels, quant  # noqa: E402
 from tritium.convert import bit_layers  # noqa: E402
 from tritium.formats import TritiumFormatError, codecs  # noqa: E402
@@ -36,15 +36,7 @@ from tritium.formats.hf_bitnet import (  # noqa: E402
     tritium_scale,
 )
 
-SHARED = Path(os.environ.get("TRITIUM_DATA", Path(__file__).parents[2] / "shared" / "data"))
-SHAKESPEARE = SHARED / "lm" / "tinyshakespeare.txt"
 VOCAB = 256
-ARCHS = {
-    "bitnet": (transformers.BitNetConfig, transformers.BitNetForCausalLM),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-}
 SAMPLE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
           "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 20
 #: How transformers' logits may differ from tritium's, relative to the largest |logit|. Both compute the same
@@ -84,17 +76,10 @@ def quiet_transformers():
 def tiny(arch: str = "bitnet", config: tritium.BitConfig | None = PRESET, seed: int = 0, exclude=None,
          include=None, **kw) -> torch.nn.Module:
     """A random 2-block decoder of ``arch`` (hidden 64, GQA 4/2 heads of 16), quantized with ``config``."""
-    conf_cls, model_cls = ARCHS[arch]
     args = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=0,
                 eos_token_id=0, pad_token_id=None, initializer_range=0.1)
-    args.update(kw)
-    torch.manual_seed(seed)
-    model = model_cls(conf_cls(**args)).eval()
-    with torch.no_grad():  # norms away from 1 and non-zero biases, so that a misplaced tensor shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.copy_(torch.rand_like(p) + (0.5 if name.endswith("norm.weight") else -0.5))
+    model = random_decoder(arch, seed, **{**args, **kw})
     if config is None:
         return model
     return tritium.quantize(model, config, exclude=exclude, include=include)
@@ -116,15 +101,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def train_tokenizer(text: str, vocab: int = 512) -> tokenizers.Tokenizer:
     """A byte-level BPE (GPT-2 style) with one special token, id 0."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([text], trainer)
-    return tok
+    return train_bpe(text, vocab)
 
 
 def stored(path: Path) -> dict[str, torch.Tensor]:
@@ -235,9 +212,7 @@ def trained():
     """A 2-block BitNetForCausalLM (hidden 128, GQA 4/2, tied embedding as in bitnet-b1.58-2B-4T, byte-level
     BPE of 512 tokens) quantized with PRESET, trained for 300 steps on tiny-shakespeare (one thread: about
     15 s), frozen; with its tokenizer, 128 held-out token ids and the final training loss."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent (the shared tiny-shakespeare copy; set TRITIUM_DATA)")
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = shakespeare_text()
     tok = train_tokenizer(text[:400_000])
     ids = torch.tensor(tok.encode(text[:1_000_000]).ids)
     split = int(0.9 * len(ids))
