@@ -246,6 +246,31 @@ def test_skeleton_mismatch(saved):
         load(path, nn.Sequential(nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()))
 
 
+@pytest.mark.parametrize("meta", [True, False])
+def test_a_skeleton_that_does_not_fit_is_left_as_it_was(saved, meta):
+    """A load that fails late (after layers and tensors were already put in) undoes all of it."""
+    _, path = saved
+
+    def snapshot(model):
+        return [(n, type(m), {k: id(v) for k, v in {**m._parameters, **m._buffers}.items()})
+                for n, m in model.named_modules()]
+
+    extra = _skeleton(meta)  # fails at the very end: a buffer the file does not have
+    extra.register_buffer("other", torch.zeros(2))
+    before = snapshot(extra)
+    with pytest.raises(TritiumFormatError, match="no tensor for 'other'"):
+        load(path, extra)
+    assert snapshot(extra) == before
+    wrong = _skeleton(meta)  # fails half-way: the second linear layer has another shape
+    wrong[4] = nn.Linear(13, 7, device=wrong[0].weight.device)
+    before = snapshot(wrong)
+    with pytest.raises(TritiumFormatError):
+        load(path, wrong)
+    assert snapshot(wrong) == before
+    assert not any(isinstance(m, TernaryLinear) for m in wrong.modules())
+    load(path, _skeleton(meta))  # and a fitting skeleton still loads
+
+
 def _check_fuzz(path, skeleton=None):
     try:
         out = load(path)

@@ -696,6 +696,17 @@ def _check_linear(path: PathLike, name: str, child: nn.Module, rec: dict) -> Non
 
 
 def _into(path: PathLike, model: nn.Module, header: Header, modules: dict, tensors: dict) -> nn.Module:
+    """Fill ``model`` (see `load`); when the file does not fit it, every change is undone before the error."""
+    undo: list[tuple[dict, str, object]] = []  # (a module's __dict__-like table, key, previous value)
+    try:
+        return _fill(path, model, header, modules, tensors, undo)
+    except BaseException:
+        for table, key, old in reversed(undo):
+            table[key] = old
+        raise
+
+
+def _fill(path: PathLike, model: nn.Module, header: Header, modules: dict, tensors: dict, undo: list) -> nn.Module:
     for name, rec in header.layers.items():
         if rec["kind"] == "linear":
             continue
@@ -707,11 +718,13 @@ def _into(path: PathLike, model: nn.Module, header: Header, modules: dict, tenso
             weight = getattr(child, "weight", None)  # the frozen layer reports the skeleton's weight dtype
             if isinstance(weight, (Tensor, FrozenWeight)) and weight.dtype.is_floating_point:
                 modules[name]._weight_dtype = weight.dtype
+            undo.append((parent._modules, attr, parent._modules[attr]))
             setattr(parent, attr, modules[name])
         elif not isinstance(child, BitLinear) or child.config != BitConfig(**rec["config"]):
             conv1d = isinstance(child, BitConv1D) or type(child).__name__ == "Conv1D"  # (in, out) weight
             new = (BitConv1D if conv1d else BitLinear)(rec["in_features"], rec["out_features"], rec["bias"],
                                                        BitConfig(**rec["config"]), device="meta")
+            undo.append((parent._modules, attr, parent._modules[attr]))
             setattr(parent, attr, new)
     params: dict[int, nn.Parameter] = {}
     for key, t in tensors.items():
@@ -730,8 +743,10 @@ def _into(path: PathLike, model: nn.Module, header: Header, modules: dict, tenso
         if attr in mod._parameters:
             if id(t) not in params:
                 params[id(t)] = nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point())
+            undo.append((mod._parameters, attr, old))
             mod._parameters[attr] = params[id(t)]
         else:
+            undo.append((mod._buffers, attr, old))
             mod._buffers[attr] = t
     stored = set(tensors)
     for name, m in model.named_modules(remove_duplicate=False):
