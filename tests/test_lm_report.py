@@ -168,3 +168,34 @@ def test_incomplete_grid_does_not_crash(tmp_path):
     assert "_nothing to compare yet_" in lm.report(only_bf16, tmp_path)
     assert "_not measurable yet_" in lm.report([r for r in rows if r["hidden"] == 32], tmp_path)
     assert lm.report([], tmp_path) == ""
+
+
+def test_decoder_gap_compared_at_equal_fit(tmp_path):
+    """bf16's gap grows as its training loss falls (gap = 4 - train); a 1.58-bit model on that same line is
+    smaller-gapped at equal size only because it fits less: not a regularising effect. One below the line
+    (0.05 less gap at its training loss) is."""
+    def on_line(offset):
+        def f(h, s, ref):
+            train = ref - 0.5 + 0.4  # fits less than bf16 at the same size
+            return train + (4 - train) + offset - 0.01 * s, train
+        return f
+
+    rows = []
+    for h in HS:
+        for s in (0, 1):
+            train = fp_loss(h) - 0.5
+            rows.append(row("decoder", h, BF16, s, train + (4 - train), train))
+    for p, off in ((MED, 0.0), (MEAN, -0.05)):
+        for h in HS:
+            for s in (0, 1):
+                rows.append(row("decoder", h, p, s, *on_line(off)(h, s, fp_loss(h))))
+    md = lm.report(rows, tmp_path)
+    claim = "- Decoder claim (a regularising effect: smaller train-val gap), "
+    med, mean = answer(md, claim + MED), answer(md, claim + MEAN)
+    assert "**not reproduced beyond the weaker fit**" in med and "smaller at 4 of 4 sizes" in med
+    assert "at equal training loss (the bf16 gap interpolated at the training loss" in med
+    assert "**reproduced**" in mean
+    m = lm.matched_gaps(lm._by_seed(rows, "train_loss"), lm._by_seed(rows, "gap"), MEAN, BF16, [0, 1])
+    assert sorted(m) == [64, 128, 256]  # at hidden 32 the 1.58 model fits less than any bf16 model
+    for diffs in m.values():
+        assert diffs == pytest.approx([-0.05, -0.06])

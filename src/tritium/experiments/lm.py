@@ -743,6 +743,32 @@ def _counterparts(variants: list[str]) -> dict[str, list]:
     return out
 
 
+def matched_gaps(train: dict, gap: dict, q: str, ref: str, seeds: list[int]) -> dict[int, list[float]]:
+    """Per hidden size h where every seed allows it: ``gap(q, h) - gap_ref(train_loss(q, h))`` seed by seed,
+    where ``gap_ref(t)`` is the reference's train-val gap interpolated (linearly, between the two hidden sizes
+    whose training losses bracket ``t``) at the training loss ``t`` that ``q`` reached: the gap difference
+    at equal fit rather than at equal size."""
+    out: dict[int, list[float]] = {}
+    for h in sorted(set(train.get(q, {})) & set(gap.get(q, {}))):
+        diffs = []
+        for s in seeds:
+            pts = sorted((train[ref][x][s], gap[ref][x][s]) for x in train.get(ref, {})
+                         if s in train[ref][x] and x in gap.get(ref, {}) and s in gap[ref][x])
+            if s not in train[q][h] or s not in gap[q][h]:
+                break
+            t = train[q][h][s]
+            seg = next(((a, b) for a, b in pairwise(pts) if a[0] <= t <= b[0]), None)
+            if seg is None:  # outside the reference's range of training losses
+                break
+            (t0, g0), (t1, g1) = seg
+            ref_gap = g0 if t1 == t0 else g0 + (t - t0) / (t1 - t0) * (g1 - g0)
+            diffs.append(gap[q][h][s] - ref_gap)
+        else:
+            if diffs:
+                out[h] = diffs
+    return out
+
+
 def _factor_answer(factors: dict[int, list[tuple[float, str]]], hs: list[int], verdict: bool = True) -> str:
     """The hidden-size factor at the smallest reference size where every seed's factor is measured (else
     the smallest), after the verdict on "about 2x" when ``verdict``."""
@@ -758,7 +784,7 @@ def _factor_answer(factors: dict[int, list[tuple[float, str]]], hs: list[int], v
 
 def _answers(task: str, rows: list[dict], seeds: list[int], pairs: dict[str, list]) -> tuple[list[str], list]:
     """The bullets of the answers section and the rows of the paired-difference table."""
-    val, gap = _by_seed(rows, "val_loss"), _by_seed(rows, "gap")
+    val, gap, train = _by_seed(rows, "val_loss"), _by_seed(rows, "gap"), _by_seed(rows, "train_loss")
     hs_all = sorted({r["hidden"] for r in rows})
     bullets: list[str] = []
     diffs: list[tuple[str, dict[int, list[float]]]] = []
@@ -793,10 +819,24 @@ def _answers(task: str, rows: list[dict], seeds: list[int], pairs: dict[str, lis
                 continue
             h = max(g)
             smaller = [x for x in g if max(g[x]) < 0]
-            word = ("reproduced" if len(smaller) > len(g) / 2 else "not reproduced (gap not smaller)"
-                    if _count(g, lambda lo, hi: lo >= 0) > len(g) / 2 else "undecided")
+            m = matched_gaps(train, gap, q, ref, seeds)
+            diffs.append((f"gap at {ref}'s gap for equal train loss: {q} - {ref}", m))
+            fit_smaller = _count(m, lambda lo, hi: hi < 0)
+            if len(smaller) <= len(g) / 2:
+                word = ("not reproduced (gap not smaller)" if _count(g, lambda lo, hi: lo >= 0) > len(g) / 2
+                        else "undecided")
+            elif not m:
+                word = "undecided (gap smaller at equal size; equal-fit comparison not measurable yet)"
+            elif fit_smaller > len(m) / 2:
+                word = "reproduced"
+            else:
+                word = "not reproduced beyond the weaker fit"
             text = (f"**{word}**: gap - {ref} gap = {format_spread(g[h])} at hidden {h}, smaller at "
                     f"{_sizes(len(smaller), g)}")
+            if m:
+                hm = max(m)
+                text += (f"; at equal training loss (the {ref} gap interpolated at the training loss {q} "
+                         f"reached) {format_spread(m[hm])} at hidden {hm}, smaller at {_sizes(fit_smaller, m)}")
             dv = {x: d[x] for x in g if x in d}
             if dv:
                 worse, better = _count(dv, lambda lo, hi: lo > 0), _count(dv, lambda lo, hi: hi < 0)
