@@ -881,7 +881,8 @@ def _answers(task: str, rows: list[dict], seeds: list[int], pairs: dict[str, lis
                 h = max(d)
                 word = "better" if max(d[h]) < 0 else "worse" if min(d[h]) > 0 else "on par"
                 better, worse = _count(d, lambda lo, hi: hi < 0), _count(d, lambda lo, hi: lo > 0)
-                parts.append(f"**{word}** than {other}: {format_spread(d[h])} at hidden {h} (better at {better}, "
+                parts.append(f"**{word}** {'with' if word == 'on par' else 'than'} {other}: {format_spread(d[h])} "
+                             f"at hidden {h} (better at {better}, "
                              f"worse at {_sizes(worse, d)})")
         if parts:
             bullets.append(f"- Continual QAT {c} val loss: " + "; ".join(parts))
