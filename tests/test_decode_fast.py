@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tritium
 from tritium import generation
@@ -121,6 +123,132 @@ def test_ternary_linears_validation_and_custom_op() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
+# The C++ form of the op (what compiled frozen layers call).
+
+NATIVE = [b for b in BACKENDS if b != "reference"]
+
+
+@pytest.fixture(scope="module")
+def cpp_op() -> None:
+    """The C++ op, built on first use; a machine with a C++ compiler (CI) must build it, others skip."""
+    import shutil
+
+    if not NATIVE:
+        pytest.skip("no compiled kernels on this machine")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = K.load_cpp_op()
+    if not loaded:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail(f"the C++ op did not build although a compiler is installed: {caught[0].message}")
+        pytest.skip("no C++ compiler: the C++ op cannot be built here")
+
+
+def _both_ops(x, packed, ns, k, sws, bias, norm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    args = (x, packed, list(ns), k, sws, bias, norm)
+    return torch.ops.tritium.ternary_linears_native(*args), torch.ops.tritium.ternary_linears(*args)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_cpp_op_matches_python_op(cpp_op, backend: str) -> None:
+    """The C++ op's outputs equal the Python op's bit for bit: GEMV and AMX-sized inputs, empty and odd weights,
+    per-tensor and per-channel scales, bias or not, every norm, one to nine weights, one and two threads; and
+    at the decode shapes of `tritium bench model` (hidden 1024, MLP 2816)."""
+    gen = torch.Generator().manual_seed(5)
+    old, threads = K.get_backend(), torch.get_num_threads()
+    cases = [(1, 1024, (64, 32, 32)), (1, 300, (20, 0, 7)), (3, 256, (48, 16)), (17, 512, (32, 96)),
+             (40, 70, (16, 16, 16, 16)), (130, 256, (64,)), (2, 64, tuple(range(8, 80, 8))), (0, 64, (8, 8)),
+             (1, 1024, (1024, 1024, 1024)), (1, 1024, (2816, 2816)), (1, 2816, (1024,))]
+    try:
+        K.set_backend(backend)
+        assert K.linears_op() is torch.ops.tritium.ternary_linears_native
+        for nthreads in (1, 2):
+            torch.set_num_threads(nthreads)
+            for m, k, ns in cases:
+                for norm in (None, "layernorm", "rmsnorm"):
+                    x = torch.randn(m, k, generator=gen) * 3
+                    if m > 1:
+                        x[m // 2] = 0.0  # a zero row: the activation scale's lower bound
+                    packed, sws, bias = _weights(ns, k, gen)
+                    got, want = _both_ops(x, packed, ns, k, sws, bias, norm)
+                    assert len(got) == len(ns)
+                    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+                        assert a.shape == b.shape and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (
+                            backend, nthreads, m, k, ns, norm, i)
+    finally:
+        K.set_backend(old)
+        torch.set_num_threads(threads)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(0, 20), k=st.integers(1, 600), ns=st.lists(st.integers(0, 70), min_size=1, max_size=9),
+       norm=st.sampled_from([None, "layernorm", "rmsnorm"]), scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]),
+       special=st.sampled_from([None, "nan", "inf", "tie"]), seed=st.integers(0, 2**31 - 1))
+def test_cpp_op_matches_python_op_properties(cpp_op, m, k, ns, norm, scale, special, seed) -> None:
+    """Random shapes and extreme values (tiny and huge magnitudes, NaN and inf entries, activations on rounding
+    ties of the 8-bit quantizer): the C++ op equals the Python op bit for bit, NaNs in the same places."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * scale
+    if m and special == "nan":
+        x[0, k // 2] = float("nan")
+    elif m and special == "inf":
+        x[-1, 0] = float("inf")
+    elif m and special == "tie":  # absmax 127: every x + 0.5 is a tie of round(x * 127 / 127)
+        x[0] = torch.randint(-126, 126, (k,), generator=gen).float() + 0.5
+        x[0, 0] = 127.0
+    packed, sws, bias = _weights(ns, k, gen)
+    got, want = _both_ops(x, packed, ns, k, sws, bias, norm)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+def test_cpp_op_errors_and_reference_backend(cpp_op) -> None:
+    """Bad inputs and a kernel out of memory raise as the Python op does; with the reference backend compiled
+    layers call the Python op, and the C++ op refuses to run."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 40, generator=gen)
+    packed, sws, bias = _weights((8, 24), 40, gen)
+    torch.library.opcheck(torch.ops.tritium.ternary_linears_native.default,
+                          (x, packed, [8, 24], 40, sws, bias, "layernorm"))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.tritium.ternary_linears_native(x.double(), packed, [8, 24], 40, sws, bias, None)
+    with pytest.raises(RuntimeError, match="norm"):
+        torch.ops.tritium.ternary_linears_native(x, packed, [8, 24], 40, sws, bias, "batchnorm")
+    old = K.get_backend()
+    try:
+        K.set_backend(NATIVE[-1])
+        big, (bpacked, bsws, bbias) = torch.randn(40, 300, generator=gen), _weights((64, 8), 300, gen)
+        K._lib.tk_test_fail_task_allocs(1)
+        with pytest.raises(MemoryError, match=NATIVE[-1]):
+            torch.ops.tritium.ternary_linears_native(big, bpacked, [64, 8], 300, bsws, bbias, None)
+        K._lib.tk_test_fail_task_allocs(0)
+        K.set_backend("reference")
+        assert K.linears_op() is torch.ops.tritium.ternary_linears
+        with pytest.raises(RuntimeError, match="reference"):
+            torch.ops.tritium.ternary_linears_native(x, packed, [8, 24], 40, sws, bias, None)
+    finally:
+        K._lib.tk_test_fail_task_allocs(0)
+        K.set_backend(old)
+    assert K.linears_op() is torch.ops.tritium.ternary_linears_native
+
+
+def test_cpp_op_unavailable_falls_back_to_python_op(monkeypatch) -> None:
+    """When the C++ op cannot be built, load_cpp_op warns once with the reason and compiled layers keep the
+    Python op."""
+    from tritium.kernels import _native
+
+    monkeypatch.setattr(K, "_cpp_op_error", None)
+    monkeypatch.setattr(_native, "build_op", lambda: "no compiler here")
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert K.load_cpp_op() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert K.load_cpp_op() is False  # warned once
+    assert K.linears_op() is torch.ops.tritium.ternary_linears
+
+
+# ------------------------------------------------------------------------------------------------------
 # Layers that share their input.
 
 
@@ -226,6 +354,11 @@ def test_compiled_decode_bit_identical_without_recompiling(models, arch: str) ->
         for prompt in (PROMPT, PROMPT[:2], PROMPT * 4):
             assert torch.equal(_step_logits(model, prompt, 20, step), _eager_logits(model, prompt, 20)), prompt
     assert generation.decode_step(model, compile=True) is step  # compiled once per model
+    if K.load_cpp_op():  # the frozen layers reach the kernels through the C++ op
+        with torch.profiler.profile() as prof:
+            _step_logits(model, PROMPT, 2, step)
+        names = {e.name for e in prof.events()}
+        assert "tritium::ternary_linears_native" in names and "tritium::ternary_linears" not in names
 
 
 def test_exact_backend_matches_eager_ops() -> None:

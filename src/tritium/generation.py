@@ -436,6 +436,9 @@ def decode_step(model: nn.Module, compile: bool = False) -> Callable[[torch.Tens
         return step
     compiled = _STEPS.get(model)
     if compiled is None:
+        from . import kernels
+
+        kernels.load_cpp_op()  # frozen layers then reach the kernels without re-entering Python
         compiled = _STEPS[model] = torch.compile(step, backend=_exact_backend, fullgraph=True, dynamic=True)
     return compiled
 

@@ -40,7 +40,10 @@ all multithreaded with ``torch.get_num_threads()`` threads on the OpenMP runtime
 compiled library, ``auto`` falls back to the reference with a warning.
 ``ternary_matmul``, ``quantize_rows`` and ``ternary_linear`` are the custom ops
 ``torch.ops.tritium.{ternary_matmul,quantize_rows,ternary_linear}``, so they work under
-``torch.compile(fullgraph=True)`` and ``torch.inference_mode()``. A native call that cannot allocate its
+``torch.compile(fullgraph=True)`` and ``torch.inference_mode()``. Compiled frozen layers call `linears_op`:
+after `load_cpp_op` (which compiled decoding calls) that is ``torch.ops.tritium.ternary_linears_native``, the
+C++ form of ``ternary_linears`` (csrc/op.cpp, built on first use), which reaches the kernels without re-entering
+Python. A native call that cannot allocate its
 buffers (also inside a worker thread) raises MemoryError; the output is never returned half-written.
 """
 
@@ -58,7 +61,8 @@ from .reference import unpack
 
 __all__ = [
     "pack", "unpack", "ternary_matmul", "quantize_rows", "ternary_linear", "set_backend", "get_backend",
-    "available_backends", "openmp_runtime", "quantize_ternary", "native", "MAX_K", "ternary_linears",
+    "available_backends", "openmp_runtime", "quantize_ternary", "native", "MAX_K", "ternary_linears", "load_cpp_op",
+    "linears_op",
 ]
 
 MAX_K = 1 << 17
@@ -73,6 +77,7 @@ def _reload_library() -> None:
     global _lib, _load_error, _backend
     _lib, _load_error = _native.load()
     _backend = None
+    _bind_cpp_op()
 
 
 def openmp_runtime() -> str | None:
@@ -111,6 +116,7 @@ def set_backend(name: str) -> None:
     """Use backend ``name`` (``auto`` or one of `available_backends`) from now on."""
     global _backend
     _backend = _resolve(name)
+    _bind_cpp_op()
 
 
 def get_backend() -> str:
@@ -451,9 +457,50 @@ _LIBRARY.impl("ternary_linears", _frozen_linears_impl, "CompositeExplicitAutogra
 
 
 @torch.library.register_fake("tritium::ternary_linears")
-def _(x: Tensor, packed: list[Tensor], n: list[int], k: int, sw: list[Tensor], bias: list[Tensor | None],
-      norm: str | None) -> list[Tensor]:
+def _ternary_linears_fake(x: Tensor, packed: list[Tensor], n: list[int], k: int, sw: list[Tensor],
+                          bias: list[Tensor | None], norm: str | None) -> list[Tensor]:
     return [x.new_empty((x.shape[0], ni), dtype=torch.float32) for ni in n]
+
+
+_cpp_op_error: str | None = None  # None: not built yet; "": loaded; otherwise why it is unavailable
+
+
+def load_cpp_op() -> bool:
+    """Build (the first time; about 10 s) and load ``torch.ops.tritium.ternary_linears_native``, the C++ form of
+    ``torch.ops.tritium.ternary_linears`` that compiled code calls without re-entering Python (`linears_op`).
+    True when it is loaded; False (with a warning, once) when it cannot be built, and `linears_op` stays the
+    Python op. Its outputs are bit-identical to the Python op's: the same ATen norm and the same native kernels.
+    """
+    global _cpp_op_error
+    if _cpp_op_error is None:
+        _cpp_op_error = _native.build_op() if _lib is not None else f"no compiled kernels ({_load_error})"
+        if _cpp_op_error:
+            warnings.warn(f"tritium: the C++ ternary_linears op is unavailable ({_cpp_op_error}); compiled code "
+                          "calls the Python op", RuntimeWarning, stacklevel=2)
+        else:
+            torch.library.register_fake("tritium::ternary_linears_native")(_ternary_linears_fake)
+            _bind_cpp_op()
+    return not _cpp_op_error
+
+
+def _bind_cpp_op() -> None:
+    """Point the C++ op at the loaded library's entry points and the backend in use (-1 for the reference)."""
+    if _cpp_op_error != "":
+        return
+    backend = _backend or get_backend()
+    addr = (lambda fn: ctypes.cast(fn, ctypes.c_void_p).value) if _lib is not None else (lambda fn: 0)
+    multi = _multi_fn()
+    torch.ops.tritium._bind_native(addr(_lib.tk_ternary_linear) if _lib is not None else 0,
+                                   addr(multi) if multi is not None else 0, _native.NATIVE_IDS.get(backend, -1))
+
+
+def linears_op():
+    """The custom op that compiled frozen layers call: ``torch.ops.tritium.ternary_linears_native`` once
+    `load_cpp_op` has loaded it and a native backend is in use, else ``torch.ops.tritium.ternary_linears``
+    (same schema, same outputs)."""
+    if _cpp_op_error == "" and (_backend or get_backend()) != "reference":
+        return torch.ops.tritium.ternary_linears_native
+    return torch.ops.tritium.ternary_linears
 
 
 def _ternary_linears_op(x: Tensor, packed: list[Tensor], n: list[int], k: int, sw: list[Tensor],

@@ -60,3 +60,35 @@ def supported(lib: ctypes.CDLL) -> list[str]:
     """Names of the native backends the library can run on this CPU, fastest first."""
     mask = lib.tk_supported()
     return [name for name, i in sorted(NATIVE_IDS.items(), key=lambda kv: -kv[1]) if mask >> i & 1]
+
+
+OP_SOURCE = Path(__file__).resolve().parent / "csrc" / "op.cpp"
+
+
+def build_op() -> str:
+    """Build (once per torch version and source; cached by ``torch.utils.cpp_extension``) and load the C++ custom
+    op ``torch.ops.tritium.ternary_linears_native`` (csrc/op.cpp); an empty string, or why it could not be built.
+
+    It needs a C++ compiler and ``ninja``, as ``torch.compile`` on a CPU needs a compiler; the directory is
+    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
+    """
+    import hashlib
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import torch
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return "ninja is not installed (pip install ninja)"
+    digest = hashlib.sha256(OP_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    log = io.StringIO()
+    try:
+        with redirect_stdout(log), redirect_stderr(log):
+            cpp_extension.load(f"tritium_op_{digest}", [str(OP_SOURCE)], extra_cflags=["-O2"],
+                               is_python_module=False)
+    except Exception as e:  # a compiler error, or no compiler at all
+        return f"building {OP_SOURCE.name} failed: {' '.join(f'{type(e).__name__}: {e}'.split())[:400]}"
+    return ""

@@ -1,0 +1,110 @@
+// The CPU kernel of the custom op tritium::ternary_linears in C++, so that a call from compiled code reaches the
+// native kernels without re-entering Python. It computes exactly what the Python implementation in
+// tritium/kernels/__init__.py (_frozen_linears_impl) computes: the same ATen norm, then the same entry points of
+// the kernel library (ternary.c), whose addresses Python binds once with tritium::_bind_native.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <new>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using linear_fn = int (*)(int, const float *, const uint8_t *, const float *, int, const float *, float *, int64_t,
+                          int64_t, int64_t, int);
+using multi_fn = int (*)(int, const float *, int, const int64_t *, float *const *, int64_t, int64_t, int);
+
+constexpr int64_t kMaxWeights = 8;  // tk_ternary_linear_multi's limit (MAX_MULTI in ternary.c)
+
+linear_fn g_linear = nullptr;
+multi_fn g_multi = nullptr;
+int g_backend = -1;
+
+void bind_native(int64_t linear, int64_t multi, int64_t backend) {
+  g_linear = reinterpret_cast<linear_fn>(static_cast<intptr_t>(linear));
+  g_multi = reinterpret_cast<multi_fn>(static_cast<intptr_t>(multi));
+  g_backend = static_cast<int>(backend);
+}
+
+// Out of memory in a kernel: Python's MemoryError, as from the Python op.
+struct KernelOutOfMemory : std::bad_alloc {
+  const char *what() const noexcept override {
+    static const char *names[] = {"tritium kernel 'generic': out of memory", "tritium kernel 'avx2': out of memory",
+                                  "tritium kernel 'avx512': out of memory", "tritium kernel 'amx': out of memory",
+                                  "tritium kernel 'neon': out of memory"};  // by backend id (NATIVE_IDS)
+    return g_backend >= 0 && g_backend < 5 ? names[g_backend] : "tritium kernel: out of memory";
+  }
+};
+
+void check_rc(int rc) {
+  if (rc == -2) throw KernelOutOfMemory();
+  TORCH_CHECK(rc == 0, "tritium kernel failed with code ", rc);
+}
+
+std::vector<at::Tensor> ternary_linears(const at::Tensor &x_in, at::TensorList packed, at::IntArrayRef n, int64_t k,
+                                        at::TensorList sw, const c10::List<std::optional<at::Tensor>> &bias,
+                                        std::optional<c10::string_view> norm) {
+  TORCH_CHECK(g_linear != nullptr && g_backend >= 0,
+              "tritium::ternary_linears_native runs the native kernels only, and the backend in use is the reference");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(1) == k,
+              "tritium::ternary_linears_native: x must be float32 (M, k)");
+  const int64_t count = static_cast<int64_t>(packed.size());
+  TORCH_CHECK(count >= 1 && static_cast<int64_t>(n.size()) == count && static_cast<int64_t>(sw.size()) == count &&
+                  static_cast<int64_t>(bias.size()) == count,
+              "tritium::ternary_linears_native: one packed, n, sw and bias per weight");
+  at::Tensor x = x_in;
+  if (norm.has_value()) {
+    if (*norm == "rmsnorm") {
+      x = at::rms_norm(x, {k}, std::nullopt, 1e-6);
+    } else if (*norm == "layernorm") {
+      x = at::layer_norm(x, {k}, std::nullopt, std::nullopt, 1e-5);
+    } else {
+      TORCH_CHECK(false, "tritium::ternary_linears_native: unknown norm ", *norm);
+    }
+  }
+  x = x.contiguous();
+  const int64_t m = x.size(0);
+  const int threads = at::get_num_threads();
+  std::vector<at::Tensor> ys, keep;
+  ys.reserve(count);
+  keep.reserve(3 * count);
+  int64_t desc[5 * kMaxWeights];
+  float *outs[kMaxWeights];
+  for (int64_t i = 0; i < count; i++) {
+    const at::Tensor &p = keep.emplace_back(packed[i].contiguous());
+    const at::Tensor &s = keep.emplace_back(sw[i].contiguous());
+    std::optional<at::Tensor> b = bias.get(i);
+    const float *bp = nullptr;
+    if (b.has_value()) bp = keep.emplace_back(b->contiguous()).data_ptr<float>();
+    at::Tensor &y = ys.emplace_back(at::empty({m, n[i]}, x.options()));
+    if (count == 1 || count > kMaxWeights || g_multi == nullptr) {
+      check_rc(g_linear(g_backend, x.data_ptr<float>(), p.data_ptr<uint8_t>(), s.data_ptr<float>(), s.numel() != 1,
+                        bp, y.data_ptr<float>(), m, n[i], k, threads));
+      continue;
+    }
+    int64_t *d = desc + 5 * i;
+    d[0] = reinterpret_cast<intptr_t>(p.data_ptr<uint8_t>());
+    d[1] = n[i];
+    d[2] = reinterpret_cast<intptr_t>(s.data_ptr<float>());
+    d[3] = s.numel() != 1;
+    d[4] = reinterpret_cast<intptr_t>(bp);
+    outs[i] = y.data_ptr<float>();
+  }
+  if (count > 1 && count <= kMaxWeights && g_multi != nullptr) {
+    check_rc(g_multi(g_backend, x.data_ptr<float>(), static_cast<int>(count), desc, outs, m, k, threads));
+  }
+  return ys;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tritium, m) {
+  m.def("_bind_native(int linear, int multi, int backend) -> ()", &bind_native);
+  m.def("ternary_linears_native(Tensor x, Tensor[] packed, int[] n, int k, Tensor[] sw, Tensor?[] bias, str? norm)"
+        " -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(tritium, CPU, m) { m.impl("ternary_linears_native", &ternary_linears); }
