@@ -424,7 +424,9 @@ def decode_step(model: nn.Module, compile: bool = False) -> Callable[[torch.Tens
     With ``compile=True`` it is ``torch.compile``'d once per model (fullgraph, dynamic shapes: one graph serves
     every cache length, without recompiling per token) with a backend under which every op that Inductor
     could compute differently from eager (reductions, transcendental functions, matmuls, attention) runs as its
-    eager ATen kernel: its logits are bit-identical to the eager forward's.
+    eager ATen kernel: its logits are bit-identical to the eager forward's. The compiled step does not guard on
+    the model's modules: changing their structure or attributes afterwards (not their tensors' values) needs a
+    new model object.
     """
     key = _cache_key(model)
     ref = weakref.ref(model)
@@ -439,7 +441,12 @@ def decode_step(model: nn.Module, compile: bool = False) -> Callable[[torch.Tens
         from . import kernels
 
         kernels.load_cpp_op()  # frozen layers then reach the kernels without re-entering Python
-        compiled = _STEPS[model] = torch.compile(step, backend=_exact_backend, fullgraph=True, dynamic=True)
+        # No guards on the model's modules (their attributes are read once, when compiling): the decode loop
+        # evaluates fewer guards per token. Later changes to the model's modules are not seen by this step.
+        skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.7
+        options = {"guard_filter_fn": skip} if skip is not None else None
+        compiled = _STEPS[model] = torch.compile(step, backend=_exact_backend, fullgraph=True, dynamic=True,
+                                                 options=options)
     return compiled
 
 
