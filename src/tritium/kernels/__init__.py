@@ -124,6 +124,7 @@ def get_backend() -> str:
     global _backend
     if _backend is None:
         _backend = _resolve(os.environ.get("TRITIUM_KERNEL", "auto") or "auto")
+        _bind_cpp_op()
     return _backend
 
 
@@ -479,15 +480,17 @@ def load_cpp_op() -> bool:
                           "calls the Python op", RuntimeWarning, stacklevel=2)
         else:
             torch.library.register_fake("tritium::ternary_linears_native")(_ternary_linears_fake)
+            get_backend()
             _bind_cpp_op()
     return not _cpp_op_error
 
 
 def _bind_cpp_op() -> None:
-    """Point the C++ op at the loaded library's entry points and the backend in use (-1 for the reference)."""
+    """Point the C++ op at the loaded library's entry points and the backend in use (-1 for the reference, or
+    while none is chosen: `get_backend` binds it when it chooses)."""
     if _cpp_op_error != "":
         return
-    backend = _backend or get_backend()
+    backend = _backend or "reference"
     addr = (lambda fn: ctypes.cast(fn, ctypes.c_void_p).value) if _lib is not None else (lambda fn: 0)
     multi = _multi_fn()
     torch.ops.tritium._bind_native(addr(_lib.tk_ternary_linear) if _lib is not None else 0,
