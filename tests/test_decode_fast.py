@@ -162,6 +162,7 @@ def test_cpp_op_matches_python_op(cpp_op, backend: str) -> None:
     try:
         K.set_backend(backend)
         assert K.linears_op() is torch.ops.tritium.ternary_linears_native
+        assert K.linears_op(torch.empty(1, 4, device="meta")) is torch.ops.tritium.ternary_linears  # not on the CPU
         for nthreads in (1, 2):
             torch.set_num_threads(nthreads)
             for m, k, ns in cases:

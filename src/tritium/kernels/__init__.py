@@ -497,11 +497,11 @@ def _bind_cpp_op() -> None:
                                    addr(multi) if multi is not None else 0, _native.NATIVE_IDS.get(backend, -1))
 
 
-def linears_op():
-    """The custom op that compiled frozen layers call: ``torch.ops.tritium.ternary_linears_native`` once
-    `load_cpp_op` has loaded it and a native backend is in use, else ``torch.ops.tritium.ternary_linears``
-    (same schema, same outputs)."""
-    if _cpp_op_error == "" and (_backend or get_backend()) != "reference":
+def linears_op(x: Tensor | None = None):
+    """The custom op that compiled frozen layers call on input ``x``: ``torch.ops.tritium.ternary_linears_native``
+    once `load_cpp_op` has loaded it, a native backend is in use and ``x`` (if given) is on the CPU, else
+    ``torch.ops.tritium.ternary_linears`` (same schema, same outputs)."""
+    if _cpp_op_error == "" and (_backend or get_backend()) != "reference" and (x is None or x.device.type == "cpu"):
         return torch.ops.tritium.ternary_linears_native
     return torch.ops.tritium.ternary_linears
 

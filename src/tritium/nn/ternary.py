@@ -121,7 +121,7 @@ def _frozen(x: Tensor, layers: tuple[TernaryLinear, ...]) -> list[Tensor]:
     packed, scale, bias = [b["weight_packed"] for b in ws], [b["weight_scale"] for b in ws], [b["bias"] for b in ws]
     n, k, norm = [layer.out_features for layer in layers], layers[0].in_features, layers[0].norm
     if torch.compiler.is_compiling():
-        return kernels.linears_op()(x, packed, n, k, scale, bias, norm)
+        return kernels.linears_op(x)(x, packed, n, k, scale, bias, norm)
     return kernels._frozen_linears_impl(x, packed, n, k, scale, bias, norm)
 
 
