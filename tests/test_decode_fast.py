@@ -152,13 +152,14 @@ def _both_ops(x, packed, ns, k, sws, bias, norm) -> tuple[list[torch.Tensor], li
 @pytest.mark.parametrize("backend", NATIVE)
 def test_cpp_op_matches_python_op(cpp_op, backend: str) -> None:
     """The C++ op's outputs equal the Python op's bit for bit: GEMV and AMX-sized inputs, empty and odd weights,
-    per-tensor and per-channel scales, bias or not, every norm, one to nine weights, one and two threads; and
-    at the decode shapes of `tritium bench model` (hidden 1024, MLP 2816)."""
+    per-tensor and per-channel scales, bias or not, every norm, one to nine weights, one and two threads; at
+    the decode shapes of `tritium bench model` (hidden 1024, MLP 2816) and a 7B model's (4096, MLP 11008)."""
     gen = torch.Generator().manual_seed(5)
     old, threads = K.get_backend(), torch.get_num_threads()
     cases = [(1, 1024, (64, 32, 32)), (1, 300, (20, 0, 7)), (3, 256, (48, 16)), (17, 512, (32, 96)),
              (40, 70, (16, 16, 16, 16)), (130, 256, (64,)), (2, 64, tuple(range(8, 80, 8))), (0, 64, (8, 8)),
-             (1, 1024, (1024, 1024, 1024)), (1, 1024, (2816, 2816)), (1, 2816, (1024,))]
+             (1, 1024, (1024, 1024, 1024)), (1, 1024, (2816, 2816)), (1, 2816, (1024,)),
+             (1, 4096, (11008, 11008)), (64, 11008, (4096,))]
     try:
         K.set_backend(backend)
         assert K.linears_op() is torch.ops.tritium.ternary_linears_native
