@@ -140,7 +140,8 @@ def cpp_op() -> None:
         loaded = K.load_cpp_op()
     if not loaded:
         if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail(f"the C++ op did not build although a compiler is installed: {caught[0].message}")
+            why = caught[-1].message if caught else "no warning"
+            pytest.fail(f"the C++ op did not build although a compiler is installed: {why}")
         pytest.skip("no C++ compiler: the C++ op cannot be built here")
 
 
@@ -222,7 +223,7 @@ def test_cpp_op_errors_and_reference_backend(cpp_op) -> None:
         K.set_backend(NATIVE[-1])
         big, (bpacked, bsws, bbias) = torch.randn(40, 300, generator=gen), _weights((64, 8), 300, gen)
         K._lib.tk_test_fail_task_allocs(1)
-        with pytest.raises(MemoryError, match=NATIVE[-1]):
+        with pytest.raises(MemoryError, match="out of memory"):
             torch.ops.tritium.ternary_linears_native(big, bpacked, [64, 8], 300, bsws, bbias, None)
         K._lib.tk_test_fail_task_allocs(0)
         K.set_backend("reference")

@@ -219,7 +219,10 @@ def quantize_act(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 
 def input_norm(x: Tensor, norm: str | None) -> Tensor:
-    """The parameter-free input norm over the last dimension (eps 1e-5 for layernorm, 1e-6 for rmsnorm)."""
+    """The parameter-free input norm over the last dimension (eps 1e-5 for layernorm, 1e-6 for rmsnorm).
+
+    kernels/csrc/op.cpp calls the same ATen norms with the same eps (tests/test_decode_fast.py checks them equal).
+    """
     if norm == "layernorm":
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-5)
     if norm == "rmsnorm":

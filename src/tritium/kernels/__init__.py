@@ -490,11 +490,13 @@ def _bind_cpp_op() -> None:
     while none is chosen: `get_backend` binds it when it chooses)."""
     if _cpp_op_error != "":
         return
-    backend = _backend or "reference"
-    addr = (lambda fn: ctypes.cast(fn, ctypes.c_void_p).value) if _lib is not None else (lambda fn: 0)
+    if _lib is None:
+        torch.ops.tritium._bind_native(0, 0, -1)
+        return
     multi = _multi_fn()
-    torch.ops.tritium._bind_native(addr(_lib.tk_ternary_linear) if _lib is not None else 0,
-                                   addr(multi) if multi is not None else 0, _native.NATIVE_IDS.get(backend, -1))
+    torch.ops.tritium._bind_native(ctypes.cast(_lib.tk_ternary_linear, ctypes.c_void_p).value,
+                                   0 if multi is None else ctypes.cast(multi, ctypes.c_void_p).value,
+                                   _native.NATIVE_IDS.get(_backend or "reference", -1))
 
 
 def linears_op(x: Tensor | None = None):

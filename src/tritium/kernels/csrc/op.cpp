@@ -31,12 +31,7 @@ void bind_native(int64_t linear, int64_t multi, int64_t backend) {
 
 // Out of memory in a kernel: Python's MemoryError, as from the Python op.
 struct KernelOutOfMemory : std::bad_alloc {
-  const char *what() const noexcept override {
-    static const char *names[] = {"tritium kernel 'generic': out of memory", "tritium kernel 'avx2': out of memory",
-                                  "tritium kernel 'avx512': out of memory", "tritium kernel 'amx': out of memory",
-                                  "tritium kernel 'neon': out of memory"};  // by backend id (NATIVE_IDS)
-    return g_backend >= 0 && g_backend < 5 ? names[g_backend] : "tritium kernel: out of memory";
-  }
+  const char *what() const noexcept override { return "tritium kernel: out of memory"; }
 };
 
 void check_rc(int rc) {
@@ -71,6 +66,7 @@ std::vector<at::Tensor> ternary_linears(const at::Tensor &x_in, at::TensorList p
   std::vector<at::Tensor> ys, keep;
   ys.reserve(count);
   keep.reserve(3 * count);
+  const bool one_call = count > 1 && count <= kMaxWeights && g_multi != nullptr;  // else one call per weight
   int64_t desc[5 * kMaxWeights];
   float *outs[kMaxWeights];
   for (int64_t i = 0; i < count; i++) {
@@ -80,7 +76,7 @@ std::vector<at::Tensor> ternary_linears(const at::Tensor &x_in, at::TensorList p
     const float *bp = nullptr;
     if (b.has_value()) bp = keep.emplace_back(b->contiguous()).data_ptr<float>();
     at::Tensor &y = ys.emplace_back(at::empty({m, n[i]}, x.options()));
-    if (count == 1 || count > kMaxWeights || g_multi == nullptr) {
+    if (!one_call) {
       check_rc(g_linear(g_backend, x.data_ptr<float>(), p.data_ptr<uint8_t>(), s.data_ptr<float>(), s.numel() != 1,
                         bp, y.data_ptr<float>(), m, n[i], k, threads));
       continue;
@@ -93,7 +89,7 @@ std::vector<at::Tensor> ternary_linears(const at::Tensor &x_in, at::TensorList p
     d[4] = reinterpret_cast<intptr_t>(bp);
     outs[i] = y.data_ptr<float>();
   }
-  if (count > 1 && count <= kMaxWeights && g_multi != nullptr) {
+  if (one_call) {
     check_rc(g_multi(g_backend, x.data_ptr<float>(), static_cast<int>(count), desc, outs, m, k, threads));
   }
   return ys;
