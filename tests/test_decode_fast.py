@@ -457,3 +457,21 @@ def test_generate_cli_compile(tmp_path, capsys) -> None:
     compiled = capsys.readouterr()
     assert compiled.out == plain.out and len(plain.out.strip().split(",")) == 10
     assert "compile: " in compiled.err and "compile: " not in plain.err and "tokens/s" in compiled.err
+
+
+def test_decode_overhead_script_measures_eager_tokens():
+    """scripts/decode_overhead.py: one variant in-process gives a time per token and 64 greedy tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "decode_overhead.py"
+    spec = importlib.util.spec_from_file_location("decode_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        row = mod.measure("eager", threads=1, repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["variant"] == "eager" and row["us_per_token"] > 0
+    assert len(row["tokens"]) == 64 and all(0 <= t < 256 for t in row["tokens"])
