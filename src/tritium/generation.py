@@ -354,19 +354,68 @@ def _exact_ops() -> frozenset:
 _EXACT_OPS: frozenset | None = None
 
 
+@contextlib.contextmanager
+def eager_lowerings(eager: frozenset):
+    """While active, Inductor calls every op in ``eager`` as its eager ATen kernel (an explicit fallback) instead
+    of generating code for it. The lowering table is Inductor's own, so it is restored on exit."""
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    # Ops without a lowering are called as eager kernels (Inductor's implicit fallback).
+    saved = {op: lowering.lowerings.pop(op) for op in eager if op in lowering.lowerings}
+    realized, fallbacks = set(lowering.needs_realized_inputs), set(lowering.fallbacks)
+    for op in eager:  # explicit fallbacks: Inductor's implicit ones refuse ops that have a decomposition if $CI
+        constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+        lowering.make_fallback(op, layout_constraint=constraint, warn=False, override_decomp=True)
+    try:
+        yield
+    finally:
+        for op in eager:
+            lowering.lowerings.pop(op, None)
+        lowering.lowerings.update(saved)
+        for current, before in ((lowering.needs_realized_inputs, realized), (lowering.fallbacks, fallbacks)):
+            for op in set(current) - before:
+                current.discard(op)
+
+
+def eager_ops(graph: torch.fx.Graph, exact: frozenset) -> frozenset:
+    """The ops of ``graph`` that must run as eager kernels: all but ``exact`` and ``pow(x, 2)`` when every power
+    in the graph is a square (which Inductor and ATen both compute as ``x * x``)."""
+    square = torch.ops.aten.pow.Tensor_Scalar
+    nodes = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+    squares = all(n.args[1] == 2 for n in nodes if n.target is square)
+    return frozenset(n.target for n in nodes if n.target not in exact and not (n.target is square and squares))
+
+
+def exact_decompositions(exact: frozenset) -> dict:
+    """Inductor's decompositions of the ``exact`` ops only."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return {op: fn for op, fn in select_decomp_table().items() if op in exact}
+
+
+# Inductor options of exact compilation: no pattern-matcher rewrites, no shape or alignment asserts, and
+# generated loops single-threaded below 65536 elements (decode sizes).
+EXACT_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "pattern_matcher": False,
+                 "cpp.min_chunk_size": 1 << 16}
+
+
+def exact_ops() -> frozenset:
+    """`_exact_ops`, built once."""
+    global _EXACT_OPS
+    if _EXACT_OPS is None:
+        _EXACT_OPS = _exact_ops()
+    return _EXACT_OPS
+
+
 def _exact_backend(gm, example_inputs):
     """``torch.compile`` backend: Inductor, generating code only for `_exact_ops` (and for ``pow(x, 2)`` when
     every power in the graph is a square, which both compute as ``x * x``); every other op is called as its
     eager ATen kernel. A graph pass checks the result and fails the compilation if any other op appears."""
-    from torch._inductor import compile_fx, lowering
+    from torch._inductor import compile_fx
     from torch._inductor.custom_graph_pass import CustomGraphPass
-    from torch._inductor.decomposition import select_decomp_table
-    from torch._library.utils import get_layout_constraint_tag
 
-    global _EXACT_OPS
-    if _EXACT_OPS is None:
-        _EXACT_OPS = _exact_ops()
-    exact, square = _EXACT_OPS, torch.ops.aten.pow.Tensor_Scalar
+    exact = exact_ops()
 
     class Check(CustomGraphPass):
         """Fails the compilation when a graph pass has introduced an op that is neither exact nor eager."""
@@ -385,32 +434,13 @@ def _exact_backend(gm, example_inputs):
     check = Check()
 
     def inner(graph_module, inputs, **kwargs):
-        nodes = [n for n in graph_module.graph.nodes
-                 if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
-        squares = all(n.args[1] == 2 for n in nodes if n.target is square)
-        eager = frozenset(n.target for n in nodes if n.target not in exact and not (n.target is square and squares))
-        # Ops without a lowering are called as eager kernels (Inductor's implicit fallback); the lowering
-        # table is Inductor's own, so it is restored right after this graph is compiled.
-        saved = {op: lowering.lowerings.pop(op) for op in eager if op in lowering.lowerings}
-        realized, fallbacks = set(lowering.needs_realized_inputs), set(lowering.fallbacks)
-        for op in eager:  # explicit fallbacks: Inductor's implicit ones refuse ops that have a decomposition if $CI
-            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
-            lowering.make_fallback(op, layout_constraint=constraint, warn=False, override_decomp=True)
-        check.allowed = exact | eager | {square}
-        try:
+        eager = eager_ops(graph_module.graph, exact)
+        check.allowed = exact | eager | {torch.ops.aten.pow.Tensor_Scalar}
+        with eager_lowerings(eager):
             return compile_fx.compile_fx_inner(graph_module, inputs, **kwargs)
-        finally:
-            for op in eager:
-                lowering.lowerings.pop(op, None)
-            lowering.lowerings.update(saved)
-            for current, before in ((lowering.needs_realized_inputs, realized), (lowering.fallbacks, fallbacks)):
-                for op in set(current) - before:
-                    current.discard(op)
 
-    decompositions = {op: fn for op, fn in select_decomp_table().items() if op in exact}
-    options = {"size_asserts": False, "alignment_asserts": False, "post_grad_custom_post_pass": check,
-               "pattern_matcher": False, "cpp.min_chunk_size": 1 << 16}
-    return compile_fx.compile_fx(gm, example_inputs, inner_compile=inner, decompositions=decompositions,
+    options = {**EXACT_OPTIONS, "post_grad_custom_post_pass": check}
+    return compile_fx.compile_fx(gm, example_inputs, inner_compile=inner, decompositions=exact_decompositions(exact),
                                  config_patches=options)
 
 

@@ -4,7 +4,10 @@
 // the kernel library (ternary.c), whose addresses Python binds once with tritium::_bind_native.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
+
+#include <cstdarg>
 
 #include <cstdint>
 #include <new>
@@ -95,12 +98,77 @@ std::vector<at::Tensor> ternary_linears(const at::Tensor &x_in, at::TensorList p
   return ys;
 }
 
+// Eager ATen ops that AOTInductor has no C shim for, as tritium ops that have one (below).
+at::Tensor eager_silu(const at::Tensor &x) { return at::silu(x); }
+at::Tensor eager_cos(const at::Tensor &x) { return at::cos(x); }
+at::Tensor eager_sin(const at::Tensor &x) { return at::sin(x); }
+at::Tensor eager_mean(const at::Tensor &x, at::IntArrayRef dim, bool keepdim) { return at::mean(x, dim, keepdim); }
+
 }  // namespace
+
+// C shims: AOTInductor's C++ code calls these directly instead of through its generic proxy executor.
+using torch::aot_inductor::new_tensor_handle;
+using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+
+extern "C" AOTITorchError aoti_torch_cpu_ternary_linears_native(AtenTensorHandle x, const AtenTensorHandle *packed,
+                                                                 int64_t packed_len, const int64_t *n, int64_t n_len,
+                                                                 int64_t k, const AtenTensorHandle *sw, int64_t sw_len,
+                                                                 const AtenTensorHandle **bias, int64_t bias_len,
+                                                                 const char **norm, ...) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    std::vector<at::Tensor> p, s;
+    c10::List<std::optional<at::Tensor>> b;
+    for (int64_t i = 0; i < packed_len; i++) p.push_back(*tensor_handle_to_tensor_pointer(packed[i]));
+    for (int64_t i = 0; i < sw_len; i++) s.push_back(*tensor_handle_to_tensor_pointer(sw[i]));
+    for (int64_t i = 0; i < bias_len; i++)
+      b.push_back(bias[i] ? std::optional<at::Tensor>(*tensor_handle_to_tensor_pointer(*bias[i])) : std::nullopt);
+    std::optional<c10::string_view> nm;
+    if (norm) nm = c10::string_view(*norm);
+    auto ys = ternary_linears(*tensor_handle_to_tensor_pointer(x), p, at::IntArrayRef(n, n_len), k, s, b, nm);
+    va_list ap;
+    va_start(ap, norm);
+    for (auto &y : ys) *va_arg(ap, AtenTensorHandle *) = new_tensor_handle(std::move(y));
+    va_end(ap);
+  });
+}
+
+#define UNARY_SHIM(name)                                                                                        \
+  extern "C" AOTITorchError aoti_torch_cpu_eager_##name(AtenTensorHandle x, AtenTensorHandle *ret0) {            \
+    AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE(                                                                  \
+        { *ret0 = new_tensor_handle(eager_##name(*tensor_handle_to_tensor_pointer(x))); });                      \
+  }
+UNARY_SHIM(silu)
+UNARY_SHIM(cos)
+UNARY_SHIM(sin)
+
+extern "C" AOTITorchError aoti_torch_cpu_eager_mean(AtenTensorHandle x, const int64_t *dim, int64_t dim_len,
+                                                     int32_t keepdim, AtenTensorHandle *ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = new_tensor_handle(eager_mean(*tensor_handle_to_tensor_pointer(x), at::IntArrayRef(dim, dim_len), keepdim));
+  });
+}
 
 TORCH_LIBRARY_FRAGMENT(tritium, m) {
   m.def("_bind_native(int linear, int multi, int backend) -> ()", &bind_native);
   m.def("ternary_linears_native(Tensor x, Tensor[] packed, int[] n, int k, Tensor[] sw, Tensor?[] bias, str? norm)"
         " -> Tensor[]");
+  m.def("eager_silu(Tensor x) -> Tensor");
+  m.def("eager_cos(Tensor x) -> Tensor");
+  m.def("eager_sin(Tensor x) -> Tensor");
+  m.def("eager_mean(Tensor x, int[] dim, bool keepdim) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tritium, CPU, m) { m.impl("ternary_linears_native", &ternary_linears); }
+TORCH_LIBRARY_IMPL(tritium, CPU, m) {
+  m.impl("ternary_linears_native", &ternary_linears);
+  m.impl("eager_silu", &eager_silu);
+  m.impl("eager_cos", &eager_cos);
+  m.impl("eager_sin", &eager_sin);
+  m.impl("eager_mean", &eager_mean);
+}
+
+TORCH_LIBRARY_IMPL(tritium, Meta, m) {
+  m.impl("eager_silu", &eager_silu);
+  m.impl("eager_cos", &eager_cos);
+  m.impl("eager_sin", &eager_sin);
+  m.impl("eager_mean", &eager_mean);
+}
