@@ -9,6 +9,9 @@ from tritium.cli import main as cli_main
 
 pytest.importorskip("transformers")
 
+JIT = tuple(v for v in bench.VARIANTS if not v.endswith("-aot"))  # the rows of a --no-compile run
+JIT_PEERS = tuple(v for v in bench.PEERS if not v.endswith("-aot"))
+
 
 def test_bench_model_tiny(tmp_path, monkeypatch, capsys):
     calls = []
@@ -39,6 +42,11 @@ def test_bench_model_tiny(tmp_path, monkeypatch, capsys):
     assert r["variants"]["ternary-compiled"]["greedy_tokens"] == r["variants"]["ternary"]["greedy_tokens"]
     assert r["variants"]["ternary-compiled"]["compile_s"] > 0 and r["variants"]["ternary"]["compile_s"] == 0
     assert r["ratios"]["decode_compiled_vs_eager"] > 0 and r["ratios"]["prefill128_compiled_vs_eager"] > 0
+    # the ahead-of-time row: compiled before timing, its tokens compared with the eager row's
+    assert r["variants"]["ternary-aot"]["compile_s"] > 0 and r["ratios"]["decode_aot_vs_eager"] > 0
+    assert r["greedy_tokens_aot_equal_eager"] == (r["variants"]["ternary-aot"]["greedy_tokens"]
+                                                  == r["variants"]["ternary"]["greedy_tokens"])
+    assert "ternary-aot: eager prefill into a static KV cache" in text
 
 
 def test_bench_model_no_compile_is_passed_to_workers(tmp_path, monkeypatch):
@@ -49,7 +57,7 @@ def test_bench_model_no_compile_is_passed_to_workers(tmp_path, monkeypatch):
             "--intermediate", "48", "--heads", "4", "--vocab", "64", "--tokens", "2",
             "--json", str(tmp_path / "b.json")]
     assert cli_main(argv) == 0
-    assert all("--no-compile" in c and "--profile" in c for c in cmds) and len(cmds) == len(bench.VARIANTS)
+    assert all("--no-compile" in c and "--profile" in c for c in cmds) and len(cmds) == len(JIT)
     r = json.loads((tmp_path / "b.json").read_text())
     assert not r["compiled"] and r["variants"]["ternary-compiled"]["compile_s"] < 5
     text = bench._report(r)
@@ -87,12 +95,12 @@ def test_bench_model_peers_tiny(tmp_path, monkeypatch, capsys):
     calls = _in_process(monkeypatch)
     out = tmp_path / "bench.json"
     assert cli_main([*TINY_PEERS, "--json", str(out)]) == 0
-    assert calls == list(bench.VARIANTS + bench.PEERS)
+    assert calls == list(JIT + JIT_PEERS)
     text = capsys.readouterr().out
     assert "llamacpp-tq2_0" in text and "llamacpp-tq1_0" in text and "norm=None" in text
     assert "tritium / llama.cpp speed" in text
     p = json.loads(out.read_text())["peers"]
-    assert set(p["variants"]) == set(bench.PEERS)
+    assert set(p["variants"]) == set(JIT_PEERS)
     for v in p["variants"].values():
         assert v["tokens_per_s"] > 0 and v["prefill_ms"] > 0 and v["peak_rss_mb"] > 0 and v["prefill128_ms"] > 0
     for ours in ("preset", "preset-compiled", "ternary", "ternary-compiled"):
@@ -100,7 +108,8 @@ def test_bench_model_peers_tiny(tmp_path, monkeypatch, capsys):
             for kind in ("decode", "prefill", "prefill128"):
                 assert p["ratios"][f"{kind}_{ours}_vs_llamacpp_{q}"] > 0
     best = max(p["variants"][f"llamacpp-{q}"]["tokens_per_s"] for q in ("tq2_0", "tq1_0"))
-    assert p["ratios"]["decode_preset-compiled_vs_best_peer"] == pytest.approx(
+    assert p["best_rows"] == {"decode": "preset-compiled", "prefill128": "preset-compiled"}
+    assert p["ratios"]["decode_best_vs_best_peer"] == pytest.approx(
         p["variants"]["preset-compiled"]["tokens_per_s"] / best)
     assert set(p["targets_met"]) == {"decode_vs_best_peer", "prefill128_vs_best_peer"}
     assert "the best peer" in text
@@ -117,7 +126,7 @@ def test_bench_model_peers_skipped_without_llama_cpp(tmp_path, monkeypatch, caps
     calls = _in_process(monkeypatch)
     out = tmp_path / "bench.json"
     assert cli_main([*TINY_PEERS, "--json", str(out)]) == 0
-    assert calls == list(bench.VARIANTS)
+    assert calls == list(JIT)
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert len(skipped) == 1 and "llama_cpp" in skipped[0]
     assert "llama_cpp" in json.loads(out.read_text())["peers"]["skipped"]

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,7 +110,9 @@ class AotDecoder:
         self._cache = self._wrapper.static_cache
         example = {"input_ids": torch.zeros((1, 1), dtype=torch.long),
                    "cache_position": torch.zeros(1, dtype=torch.long)}
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # the frozen layers that share an input hand results to each other through module state: traced
+            warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
             program = torch.export.export(self._wrapper, (), example, strict=True)
         _use_shims(program.graph_module.graph)
         program.graph_module.recompile()

@@ -7,7 +7,9 @@ and ``model_config`` (only the classes of `tritium.models.transformers.MODEL_CLA
 transformers' own ``generate`` does, and hands each new token to a callback as it is produced. For decoder-only
 models it runs its own loop on the model's forward with a `prefix_cache` and groups the frozen layers that read
 the same input (`tritium.nn.ternary.share_inputs`); with ``compile=True`` the one-token forward is compiled
-(`decode_step`). Tokens and logits stay bit-identical to transformers' ``generate`` on the eager model. The
+(`decode_step`), with ``compile="aot"`` compiled ahead of time over a static KV cache (`tritium.aot`). Tokens and
+logits stay bit-identical to transformers' ``generate`` on the eager model (with ``"aot"``: to the eager model
+with the same static cache). The
 command streams the text (or, for a prompt given as token ids, the ids) to stdout and reports prefill and
 decode tokens/s on stderr.
 """
@@ -520,12 +522,19 @@ def _decode(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: 
     transformers' ``generate`` does (argmax, or the warpers, softmax and ``torch.multinomial``)."""
     device = model.get_input_embeddings().weight.device
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    cache = prefix_cache(_num_layers(model), len(ids) + max_new_tokens)
+    cache = None if isinstance(step, _aot().AotDecoder) else prefix_cache(_num_layers(model), len(ids) + max_new_tokens)
     eos, processors = _eos_ids(model), _logits_processors(temperature, top_p) if temperature > 0 else None
     compiled = step is _STEPS.get(model)
     seen = prompt
     streamer.put(prompt.cpu())
-    logits = decode_step(model)(prompt, cache)
+    if isinstance(step, _aot().AotDecoder):
+        step.reset()
+        logits, advance = step.prefill(prompt), step.step
+    else:
+        logits = decode_step(model)(prompt, cache)
+
+        def advance(token: torch.Tensor) -> torch.Tensor:
+            return step(token, cache)
     with contextlib.ExitStack() as stack:
         for i in range(max_new_tokens):
             scores = logits[:, -1].to(copy=True, dtype=torch.float32)
@@ -544,7 +553,27 @@ def _decode(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: 
                 # The first two compiled steps ran with their guards (a cache length of 1 has a graph of its
                 # own); from here on only the cache length changes, so the guards are skipped.
                 stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
-            logits = step(token[:, None], cache)
+            logits = advance(token[:, None])
+
+
+def _aot():
+    from . import aot
+
+    return aot
+
+
+_AOT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _aot_decoder(model: nn.Module, positions: int):
+    """The model's `tritium.aot.AotDecoder` with room for ``positions`` (built, or rebuilt larger, on demand: its
+    cache is rounded up to a multiple of 128 positions, within the model's limit)."""
+    decoder = _AOT.get(model)
+    if decoder is None or decoder.max_len < positions:
+        size = -(-positions // 128) * 128
+        limit = max_positions(model)
+        _AOT[model] = decoder = _aot().AotDecoder(model, min(size, limit) if limit else size)
+    return decoder
 
 
 @torch.inference_mode()
@@ -569,7 +598,7 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     on_token: Callable[[int, str], None] | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Generation:
     """Continue ``prompt`` (text, which needs ``tokenizer``, or token ids) as transformers' ``generate`` does.
 
@@ -583,25 +612,35 @@ def generate(
 
     Decoder-only models (see `fast_path`) are decoded by a loop on their forward with a `prefix_cache`, their
     frozen layers that read the same input grouped (`tritium.nn.ternary.share_inputs`, once per model);
-    ``compile=True`` compiles the one-token forward first (`decode_step`; the time is ``compile_s``). Tokens,
-    and with a seed sampled tokens, are the same as ``model.generate``'s; other models run ``model.generate``
-    (``compile`` is then ignored).
+    ``compile=True`` (or ``"jit"``) compiles the one-token forward first with torch.compile (`decode_step`; the
+    time is ``compile_s``); ``compile="aot"`` compiles it ahead of time with AOTInductor over a static KV cache
+    (`tritium.aot.AotDecoder`, kept per model and reused; faster per token, bit-identical to the eager model with
+    that cache). Tokens, and with a seed sampled tokens, are the same as ``model.generate``'s; other models run
+    ``model.generate`` (``compile`` is then ignored).
     """
+    if compile not in (False, True, "jit", "aot"):
+        raise ValueError(f"compile must be False, True, 'jit' or 'aot', got {compile!r}")
     ids = prompt_ids(model, prompt, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_p=top_p)
     streamer = _Streamer(tokenizer, on_token)
     compile_s = 0.0
     if fast_path(model) is None:
         _share_inputs(model)
-        step = decode_step(model, compile)
+        t0 = time.perf_counter()
+        try:
+            if compile == "aot":
+                step = _aot_decoder(model, len(ids) + max_new_tokens)
+            else:
+                step = decode_step(model, bool(compile))
+                if compile:
+                    _warm_up(model, step)
+        except Exception as e:  # a model the compiler cannot take: decode eagerly instead
+            warnings.warn(f"tritium.generate: compiling the forward failed ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]}); decoding eagerly", stacklevel=2)
+            step = decode_step(model)
+            if compile != "aot":  # not again for this model
+                _STEPS[model] = step
         if compile:
-            t0 = time.perf_counter()
-            try:
-                _warm_up(model, step)
-            except Exception as e:  # a model the compiler cannot take: decode eagerly instead
-                warnings.warn(f"tritium.generate: compiling the forward failed ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:300]}); decoding eagerly", stacklevel=2)
-                _STEPS[model] = step = decode_step(model)
             compile_s = time.perf_counter() - t0
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -652,9 +691,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample from the smallest set of tokens with this total probability (needs "
                              "--temperature > 0; default 1)")
     parser.add_argument("--seed", type=nonnegative_int, default=None, help="seed for sampling")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the one-token forward first (torch.compile; takes seconds to a minute, "
-                             "then decodes faster with bit-identical tokens)")
+    parser.add_argument("--compile", nargs="?", const="jit", default=False, choices=["jit", "aot"],
+                        help="compile the one-token forward first: jit (the default when given without a value; "
+                             "torch.compile) or aot (AOTInductor over a static KV cache: faster per token); takes "
+                             "seconds to a minute, then decodes with bit-identical logits")
 
 
 def _writer(stream, escape: bool) -> Callable[[str], None]:

@@ -14,7 +14,10 @@ frozen model here). Each variant runs in its own process, so its peak RSS (VmHWM
 * ``ternary-compiled``: the same model decoded as `tritium.generation.generate` does (its frozen layers that
   read the same input grouped, a `tritium.generation.prefix_cache`, the one-token forward compiled by
   `tritium.generation.decode_step`; the prefill eager), whose greedy tokens are checked against ``ternary``'s
-  (they are bit-identical by construction). ``--no-compile`` leaves the forward eager (and the name says so).
+  (they are bit-identical by construction). ``--no-compile`` leaves the forward eager (and the name says so);
+* ``ternary-aot``: the same model decoded by `tritium.aot.AotDecoder` (``tritium.generate(..., compile="aot")``):
+  the eager prefill into a static KV cache of 128 positions, then the one-token forward compiled ahead of time
+  by AOTInductor (bit-identical to the eager model with that cache); skipped with ``--no-compile``.
 
 Each process prefills a 16-token prompt and decodes ``--tokens`` tokens greedily at batch 1 with the
 KV cache, and separately prefills a 128-token prompt (``prefill128``); decode tokens/s is the median over
@@ -26,7 +29,8 @@ token count: a model quantized with `tritium.formats.gguf.PRESET` (no input norm
 which llama.cpp's graph lacks; otherwise the same as ``ternary``) is frozen, timed by tritium (``preset``)
 and exported as TQ2_0 and TQ1_0 GGUF files that llama.cpp times in their own processes
 (``llamacpp-tq2_0``, ``llamacpp-tq1_0``), so the ratios compare one function on the same weights; ``preset``
-is timed eagerly and as ``preset-compiled`` (as ``ternary-compiled``).
+is timed eagerly, as ``preset-compiled`` and as ``preset-aot`` (as the ternary rows). The speed targets compare
+the faster of ``preset-compiled`` and ``preset-aot`` with the faster llama.cpp type.
 """
 
 from __future__ import annotations
@@ -48,12 +52,12 @@ import torch
 
 from ..args import UsageError, output_file, positive_int
 
-VARIANTS = ("fp32", "bf16", "ternary", "ternary-compiled")
-PEERS = ("preset", "preset-compiled", "llamacpp-tq2_0", "llamacpp-tq1_0")
+VARIANTS = ("fp32", "bf16", "ternary", "ternary-compiled", "ternary-aot")
+PEERS = ("preset", "preset-compiled", "preset-aot", "llamacpp-tq2_0", "llamacpp-tq1_0")
 PROMPT = 16
 PROMPT_LONG = 128  # the prompt of the separate prefill measurement
 TARGETS = {"decode_speedup_vs_fp32": 4.0, "linear_weight_ratio": 8.0, "peak_rss_vs_fp32": 0.35}
-PEER_TARGETS = {"decode": 1.25, "prefill128": 1.5}  # preset-compiled / the faster llama.cpp type
+PEER_TARGETS = {"decode": 1.25, "prefill128": 1.5}  # the faster preset-compiled/-aot / the faster llama.cpp type
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,14 +150,33 @@ def _generate_fast(model, prompt: torch.Tensor, tokens: int, step,
     return t1 - t0, t2 - t1, ids
 
 
+def _generate_aot(decoder, prompt: torch.Tensor, tokens: int, around_decode=None) -> tuple[float, float, list[int]]:
+    """`_generate` with a `tritium.aot.AotDecoder`: its eager prefill, then its compiled steps."""
+    decoder.reset()
+    t0 = time.perf_counter()
+    logits = decoder.prefill(prompt)
+    ids = []
+    with around_decode or contextlib.nullcontext():
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            ids.append(int(tok))
+            logits = decoder.step(tok)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, ids
+
+
 @torch.inference_mode()
-def _prefill_long(model, vocab: int, fast: bool) -> float:
+def _prefill_long(model, vocab: int, fast: bool, decoder=None) -> float:
     """Seconds of one forward on a `PROMPT_LONG`-token prompt (the last position's logits), KV cache filled."""
     from tritium import generation
 
     prompt = _prompt(vocab, PROMPT_LONG)
     t0 = time.perf_counter()
-    if fast:
+    if decoder is not None:
+        decoder.reset()
+        decoder.prefill(prompt)
+    elif fast:
         generation.decode_step(model)(prompt, generation.prefix_cache(model.config.num_hidden_layers, PROMPT_LONG))
     else:
         params = inspect.signature(model.forward).parameters
@@ -280,7 +303,8 @@ def _worker(args: argparse.Namespace) -> int:
     cfg = _config(args)
     torch.manual_seed(0)
     fast = args.worker.endswith("-compiled")
-    name = args.worker.removesuffix("-compiled")
+    ahead = args.worker.endswith("-aot")
+    name = args.worker.removesuffix("-compiled").removesuffix("-aot")
     if name in ("ternary", "preset"):
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
@@ -296,7 +320,16 @@ def _worker(args: argparse.Namespace) -> int:
     loaded = _rss()
     prompt = _prompt(cfg.vocab_size)
     compile_s = 0.0
-    if fast:
+    decoder = None
+    if ahead:
+        from tritium.aot import AotDecoder
+
+        decoder = AotDecoder(model, max(PROMPT + args.tokens, PROMPT_LONG))
+        compile_s = decoder.compile_s
+
+        def run(tokens: int, around_decode=None) -> tuple[float, float, list[int]]:
+            return _generate_aot(decoder, prompt, tokens, around_decode)
+    elif fast:
         from tritium import generation
 
         generation._share_inputs(model)
@@ -312,8 +345,8 @@ def _worker(args: argparse.Namespace) -> int:
             return _generate(model, prompt, tokens, around_decode)
     run(min(4, args.tokens))  # warm-up
     runs = [run(args.tokens) for _ in range(args.repeats)]
-    _prefill_long(model, cfg.vocab_size, fast)  # warm-up
-    prefill_long = [_prefill_long(model, cfg.vocab_size, fast) for _ in range(args.repeats)]
+    _prefill_long(model, cfg.vocab_size, fast, decoder)  # warm-up
+    prefill_long = [_prefill_long(model, cfg.vocab_size, fast, decoder) for _ in range(args.repeats)]
     peak = _peak_rss()  # before profiling, which holds its own records
     profiled = _profile(run, args.tokens) if args.profile else None  # after the timed runs
     _write_result(args, work, torch.get_num_threads(), runs, baseline, loaded, prefill_long, compile_s, profiled,
@@ -436,10 +469,10 @@ def _profile_table(variants: dict) -> list[str]:
 
 def _peer_summary(work: Path, variants: dict, sizes: dict, version: str) -> dict:
     """Rows of the peers and the speed ratios of tritium to llama.cpp (> 1: tritium is faster)."""
-    rows = _rows(work, PEERS)
+    rows = _rows(work, tuple(n for n in PEERS if any(work.glob(f"{n}.*.json"))))
     ratios = {}
-    ours_rows = {"preset": rows["preset"], "preset-compiled": rows["preset-compiled"],
-                 "ternary": variants["ternary"], "ternary-compiled": variants["ternary-compiled"]}
+    ours_rows = {name: row for name, row in (*rows.items(), *variants.items())
+                 if name.startswith(("preset", "ternary"))}
     for ours, row in ours_rows.items():
         for q in ("tq2_0", "tq1_0"):
             peer = rows[f"llamacpp-{q}"]
@@ -447,24 +480,27 @@ def _peer_summary(work: Path, variants: dict, sizes: dict, version: str) -> dict
             ratios[f"prefill_{ours}_vs_llamacpp_{q}"] = _ratio(peer["prefill_ms"], row["prefill_ms"])
             ratios[f"prefill128_{ours}_vs_llamacpp_{q}"] = _ratio(peer["prefill128_ms"], row["prefill128_ms"])
     peers = [rows[f"llamacpp-{q}"] for q in ("tq2_0", "tq1_0")]
-    best = rows["preset-compiled"]
-    ratios["decode_preset-compiled_vs_best_peer"] = _ratio(best["tokens_per_s"], max(p["tokens_per_s"] for p in peers))
-    ratios["prefill128_preset-compiled_vs_best_peer"] = _ratio(min(p["prefill128_ms"] for p in peers),
-                                                               best["prefill128_ms"])
+    fast = [name for name in ("preset-compiled", "preset-aot") if name in rows]
+    decode = max(fast, key=lambda name: rows[name]["tokens_per_s"])
+    prefill = min(fast, key=lambda name: rows[name]["prefill128_ms"])
+    ratios["decode_best_vs_best_peer"] = _ratio(rows[decode]["tokens_per_s"], max(p["tokens_per_s"] for p in peers))
+    ratios["prefill128_best_vs_best_peer"] = _ratio(min(p["prefill128_ms"] for p in peers),
+                                                    rows[prefill]["prefill128_ms"])
     ref = rows["preset"]["greedy_tokens"]
-    same = {name: sum(a == b for a, b in zip(rows[name]["greedy_tokens"], ref, strict=True))
-            for name in ("preset-compiled", "llamacpp-tq2_0", "llamacpp-tq1_0")}
+    same = {name: sum(a == b for a, b in zip(row["greedy_tokens"], ref, strict=True))
+            for name, row in rows.items() if name != "preset"}
     targets = {"decode_vs_best_peer": PEER_TARGETS["decode"], "prefill128_vs_best_peer": PEER_TARGETS["prefill128"]}
-    met = {"decode_vs_best_peer": ratios["decode_preset-compiled_vs_best_peer"] >= PEER_TARGETS["decode"],
-           "prefill128_vs_best_peer": ratios["prefill128_preset-compiled_vs_best_peer"] >= PEER_TARGETS["prefill128"]}
+    met = {"decode_vs_best_peer": ratios["decode_best_vs_best_peer"] >= PEER_TARGETS["decode"],
+           "prefill128_vs_best_peer": ratios["prefill128_best_vs_best_peer"] >= PEER_TARGETS["prefill128"]}
     return {"llama_cpp": version, "variants": rows, "ratios": ratios, "sizes": sizes,
+            "best_rows": {"decode": decode, "prefill128": prefill},
             "greedy_tokens_same_as_preset": same, "targets": targets, "targets_met": met,
             "note": "preset and llamacpp-* are the PRESET model (norm=None, as llama.cpp's graph has no input "
                     "norm in linear layers); ternary differs from it only by that norm"}
 
 
 def _summarize(args: argparse.Namespace, work: Path, sizes: dict) -> dict:
-    variants = _rows(work, VARIANTS)
+    variants = _rows(work, _names(VARIANTS, args))
     fp32, tern, fast = variants["fp32"], variants["ternary"], variants["ternary-compiled"]
     ratio = _ratio
     ratios = {
@@ -478,6 +514,9 @@ def _summarize(args: argparse.Namespace, work: Path, sizes: dict) -> dict:
         "peak_rss_vs_fp32": ratio(tern["peak_rss_mb"], fp32["peak_rss_mb"]),
         "peak_above_imports_vs_fp32": ratio(tern["peak_above_imports_mb"], fp32["peak_above_imports_mb"]),
     }
+    if "ternary-aot" in variants:
+        ratios["decode_aot_vs_eager"] = ratio(variants["ternary-aot"]["tokens_per_s"], tern["tokens_per_s"])
+        ratios["decode_aot_speedup_vs_fp32"] = ratio(variants["ternary-aot"]["tokens_per_s"], fp32["tokens_per_s"])
     met = {
         "decode_speedup_vs_fp32": ratios["decode_speedup_vs_fp32"] >= TARGETS["decode_speedup_vs_fp32"],
         "linear_weight_ratio": ratios["linear_weight_ratio"] >= TARGETS["linear_weight_ratio"],
@@ -496,6 +535,8 @@ def _summarize(args: argparse.Namespace, work: Path, sizes: dict) -> dict:
         "compiled": args.compile, "machine": machine_info(), "sizes": sizes, "variants": variants,
         "ratios": ratios, "targets": TARGETS, "targets_met": met,
         "greedy_tokens_compiled_equal_eager": fast["greedy_tokens"] == tern["greedy_tokens"],
+        **({"greedy_tokens_aot_equal_eager": variants["ternary-aot"]["greedy_tokens"] == tern["greedy_tokens"]}
+           if "ternary-aot" in variants else {}),
     }
 
 
@@ -523,6 +564,11 @@ def _report(r: dict) -> str:
         f"quantization, prefix cache; decode {rt['decode_compiled_vs_eager']:.2f}x, prefill128 "
         f"{rt['prefill128_compiled_vs_eager']:.2f}x the eager ternary row; greedy tokens "
         f"{'identical to' if r['greedy_tokens_compiled_equal_eager'] else 'DIFFERENT from'} the eager row's",
+        *([f"ternary-aot: eager prefill into a static KV cache, then the one-token forward compiled by AOTInductor "
+           f"(compile {r['variants']['ternary-aot']['compile_s']:.1f} s, before timing); decode "
+           f"{rt['decode_aot_vs_eager']:.2f}x the eager ternary row; greedy tokens "
+           f"{'identical to' if r['greedy_tokens_aot_equal_eager'] else 'DIFFERENT from'} the eager row's"]
+          if "ternary-aot" in r["variants"] else []),
         f"files: fp32 {s['file_bytes_fp32'] / 2**20:.1f} MB, ternary ({m['storage']}) "
         f"{s['file_bytes_ternary'] / 2**20:.1f} MB ({rt['file_size_ratio']:.1f}x smaller)",
         f"linear weights: fp32 {s['linear_bytes_fp32'] / 2**20:.1f} MB, packed with scales "
@@ -533,7 +579,9 @@ def _report(r: dict) -> str:
     t, met = r["targets"], r["targets_met"]
     rows = [
         ("decode >= 4x fp32", f"{rt['decode_speedup_vs_fp32']:.2f}x (vs bf16 {rt['decode_speedup_vs_bf16']:.2f}x; "
-         f"compiled {rt['decode_compiled_speedup_vs_fp32']:.2f}x)", met["decode_speedup_vs_fp32"]),
+         f"compiled {rt['decode_compiled_speedup_vs_fp32']:.2f}x"
+         + (f", aot {rt['decode_aot_speedup_vs_fp32']:.2f}x" if "decode_aot_speedup_vs_fp32" in rt else "") + ")",
+         met["decode_speedup_vs_fp32"]),
         (f"linear weights >= {t['linear_weight_ratio']:.0f}x smaller", f"{rt['linear_weight_ratio']:.2f}x",
          met["linear_weight_ratio"]),
         ("peak RSS <= 0.35x fp32", f"{rt['peak_rss_vs_fp32']:.3f}x", met["peak_rss_vs_fp32"]),
@@ -561,10 +609,9 @@ def _peer_report(p: dict) -> str:
     ]
     n = len(p["variants"]["preset"]["greedy_tokens"])
     same = p["greedy_tokens_same_as_preset"]
-    out.append(f"greedy tokens equal to preset's: preset-compiled {same['preset-compiled']}/{n}, TQ2_0 "
-               f"{same['llamacpp-tq2_0']}/{n}, TQ1_0 {same['llamacpp-tq1_0']}/{n}")
+    out.append("greedy tokens equal to preset's: " + ", ".join(f"{name} {k}/{n}" for name, k in same.items()))
     out.append("tritium / llama.cpp speed (> 1: tritium faster):")
-    for ours in ("preset", "preset-compiled", "ternary", "ternary-compiled"):
+    for ours in sorted({k.split("_")[1] for k in rt if k.endswith("_vs_llamacpp_tq2_0")}, key=_row_order):
         out.append(f"  {ours:<16} decode {rt[f'decode_{ours}_vs_llamacpp_tq2_0']:.2f}x TQ2_0, "
                    f"{rt[f'decode_{ours}_vs_llamacpp_tq1_0']:.2f}x TQ1_0; prefill "
                    f"{rt[f'prefill_{ours}_vs_llamacpp_tq2_0']:.2f}x TQ2_0, "
@@ -572,11 +619,22 @@ def _peer_report(p: dict) -> str:
                    f"{rt[f'prefill128_{ours}_vs_llamacpp_tq2_0']:.2f}x TQ2_0, "
                    f"{rt[f'prefill128_{ours}_vs_llamacpp_tq1_0']:.2f}x TQ1_0")
     t, met = p["targets"], p["targets_met"]
-    out.append(f"targets: preset-compiled decode >= {t['decode_vs_best_peer']}x the best peer: "
-               f"{rt['decode_preset-compiled_vs_best_peer']:.2f}x {'met' if met['decode_vs_best_peer'] else 'NOT met'}"
-               f"; prefill128 >= {t['prefill128_vs_best_peer']}x: {rt['prefill128_preset-compiled_vs_best_peer']:.2f}x "
-               f"{'met' if met['prefill128_vs_best_peer'] else 'NOT met'}")
+    best = p["best_rows"]
+    out.append(f"targets: decode ({best['decode']}) >= {t['decode_vs_best_peer']}x the best peer: "
+               f"{rt['decode_best_vs_best_peer']:.2f}x {'met' if met['decode_vs_best_peer'] else 'NOT met'}"
+               f"; prefill128 ({best['prefill128']}) >= {t['prefill128_vs_best_peer']}x: "
+               f"{rt['prefill128_best_vs_best_peer']:.2f}x {'met' if met['prefill128_vs_best_peer'] else 'NOT met'}")
     return "\n".join(out)
+
+
+def _names(names: tuple[str, ...], args: argparse.Namespace) -> tuple[str, ...]:
+    """The rows that run: the ahead-of-time ones only when compiling."""
+    return names if args.compile else tuple(n for n in names if not n.endswith("-aot"))
+
+
+def _row_order(name: str) -> int:
+    order = [*VARIANTS, *PEERS]
+    return order.index(name) if name in order else len(order)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -595,7 +653,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.rounds, args.repeats = 1, 1
     version, why = _llama_cpp() if args.peers else (None, None)
-    names = VARIANTS + (PEERS if version else ())
+    names = _names(VARIANTS + (PEERS if version else ()), args)
     with tempfile.TemporaryDirectory(prefix="tritium-bench-") as d:
         work = Path(d)
         sizes = _prepare(args, work)

@@ -1,0 +1,133 @@
+"""Ahead-of-time compiled decoding (`tritium.aot.AotDecoder`): bit-identical logits to the eager model with the same
+static KV cache, for frozen models with and without input norms and biases; `generate(compile="aot")` and the CLI."""
+
+import pytest
+import torch
+
+import tritium
+from tritium import aot, generation, kernels
+from tritium.formats.gguf import PRESET
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not kernels.native(), reason="the C++ op needs a native kernel backend")
+
+MAX_LEN = 32
+
+
+def _llama(kv_heads: int = 4):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _qwen2():  # biases on q, k and v
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+CASES = {"llama-input-norm": (_llama, None), "llama-preset": (_llama, PRESET), "qwen2-bias": (_qwen2, None)}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def frozen(request):
+    build, config = CASES[request.param]
+    torch.manual_seed(0)
+    model = build().eval()
+    model = tritium.quantize(model) if config is None else tritium.quantize(model, config)
+    return tritium.freeze(model)
+
+
+@pytest.fixture(scope="module")
+def decoder(frozen):
+    return aot.AotDecoder(frozen, MAX_LEN)
+
+
+def _compare(frozen, decoder, exact: bool) -> None:
+    """Prefill 7 tokens, then decode to the end of the cache, beside the eager model with its own static cache."""
+    from transformers.cache_utils import StaticCache
+
+    same = torch.equal if exact else lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-5)
+    cache = StaticCache(config=frozen.config, max_cache_len=MAX_LEN)
+    prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+    key = generation._cache_key(frozen)
+    decoder.reset()
+    with torch.inference_mode():
+        got = decoder.prefill(prompt)
+        want = frozen(input_ids=prompt, use_cache=True, logits_to_keep=1, **{key: cache}).logits
+        assert torch.equal(got, want)  # the prefill is the eager forward
+        for _ in range(MAX_LEN - 7):
+            token = want[:, -1].argmax(-1, keepdim=True)
+            got = decoder.step(token)
+            want = frozen(input_ids=token, use_cache=True, logits_to_keep=1, **{key: cache}).logits
+            assert got.shape == want.shape == (1, 1, 128)
+            assert same(got, want)
+        with pytest.raises(ValueError, match="holds 32 positions, 33 needed"):
+            decoder.step(token)
+    assert decoder.compile_s > 0
+
+
+def test_logits_bit_identical_to_the_eager_static_cache(frozen, decoder):
+    _compare(frozen, decoder, exact=True)
+
+
+def test_grouped_query_attention_is_close():
+    """With fewer key/value heads than query heads, transformers' eager attention folds each group of query heads
+    into the sequence dimension, while the exported graph repeats the key/value heads: the same values reach
+    SDPA in other shapes, and the logits may differ in their last bits."""
+    torch.manual_seed(0)
+    model = tritium.freeze(tritium.quantize(_llama(kv_heads=2).eval()))
+    _compare(model, aot.AotDecoder(model, MAX_LEN), exact=False)
+
+
+def test_reset_starts_a_new_sequence(decoder):
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    runs = []
+    for _ in range(2):
+        decoder.reset()
+        logits = [decoder.prefill(prompt)]
+        for _ in range(4):
+            logits.append(decoder.step(logits[-1][:, -1].argmax(-1, keepdim=True)))
+        runs.append(torch.cat(logits, dim=1))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_generate_aot_matches_eager_tokens_and_reuses_its_decoder(frozen):
+    prompt = [5, 6, 7, 8]
+    eager = generation.generate(frozen, prompt, max_new_tokens=12)
+    first = generation.generate(frozen, prompt, max_new_tokens=12, compile="aot")
+    decoder = generation._AOT[frozen]
+    again = generation.generate(frozen, prompt, max_new_tokens=12, compile="aot")
+    assert first.ids == eager.ids == again.ids
+    assert generation._AOT[frozen] is decoder and decoder.max_len == 64  # 16 positions, rounded up, within 64
+    assert first.compile_s > 0 and again.compile_s < first.compile_s
+
+
+def test_bad_arguments():
+    torch.manual_seed(0)
+    model = tritium.freeze(tritium.quantize(_llama().eval()))
+    with pytest.raises(ValueError, match="compile must be"):
+        generation.generate(model, [1, 2], max_new_tokens=2, compile="fast")
+    with pytest.raises(ValueError, match="max_len must be at least 2"):
+        aot.AotDecoder(model, 1)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0))
+    with pytest.raises(ValueError, match="decoder-only"):
+        aot.AotDecoder(t5, 8)
+
+
+def test_cli_compile_aot(tmp_path, capsys):
+    from tritium.cli import main
+
+    torch.manual_seed(0)
+    model = tritium.freeze(tritium.quantize(_llama().eval(), PRESET))
+    path = tmp_path / "m.safetensors"
+    tritium.save(model, path)
+    assert main(["generate", str(path), "--ids", "1,2,3", "--max-new-tokens", "5", "--compile", "aot"]) == 0
+    aot_out = capsys.readouterr()
+    assert main(["generate", str(path), "--ids", "1,2,3", "--max-new-tokens", "5"]) == 0
+    eager_out = capsys.readouterr()
+    assert aot_out.out == eager_out.out and "compile:" in aot_out.err
+    assert main(["generate", str(path), "--ids", "1,2,3", "--compile", "later"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--compile" in err
