@@ -47,6 +47,7 @@ def test_bench_model_tiny(tmp_path, monkeypatch, capsys):
     assert r["greedy_tokens_aot_equal_eager"] == (r["variants"]["ternary-aot"]["greedy_tokens"]
                                                   == r["variants"]["ternary"]["greedy_tokens"])
     assert "ternary-aot: eager prefill into a static KV cache" in text
+    assert r["greedy_tokens_aot_equal_eager_static_cache"]  # bit-identical logits, so the same tokens
 
 
 def test_bench_model_no_compile_is_passed_to_workers(tmp_path, monkeypatch):
