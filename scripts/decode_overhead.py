@@ -1,11 +1,13 @@
 """Per-token cost of a compiled decode step on a Llama too small to compute anything: the overhead floor.
 
 An fp32 transformers Llama with hidden 64, 8 layers, MLP 128, 4 heads and vocabulary 256 decodes 64 tokens
-greedily at batch 1, as `tritium.generate(..., compile=True)` does (prefix cache, `decode_step`), in four
-variants, each in its own process: eager; compiled with tritium's exact backend; compiled with plain
-Inductor; plain Inductor with its C++ wrapper (`torch._inductor.config.cpp_wrapper`). The model's arithmetic
+greedily at batch 1, as `tritium.generate` does, in five variants, each in its own process: eager (prefix
+cache, `decode_step`); compiled with tritium's exact backend (``compile=True``); compiled with plain Inductor;
+plain Inductor with its C++ wrapper (`torch._inductor.config.cpp_wrapper`); compiled ahead of time
+(``compile="aot"``, `tritium.aot.AotDecoder`, static cache of 128 positions). The model's arithmetic
 is a few microseconds per token, so the time per token is what the decode loop, torch.compile's entry and
-the compiled graph's wrapper cost on this machine, whatever the model's size.
+the compiled graph's wrapper cost on this machine, whatever the model's size. The last column compares the
+greedy tokens with the eager run's (for ``aot``: with the eager model's on the same static cache).
 
     python scripts/decode_overhead.py [--threads 2] [--repeats 5]
 """
@@ -18,7 +20,7 @@ import statistics
 import subprocess
 import sys
 
-VARIANTS = ("eager", "exact", "inductor", "inductor+cpp_wrapper")
+VARIANTS = ("eager", "exact", "inductor", "inductor+cpp_wrapper", "aot")
 
 
 def measure(variant: str, threads: int, repeats: int) -> dict:
@@ -26,7 +28,7 @@ def measure(variant: str, threads: int, repeats: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tritium import generation
-    from tritium.bench.model import _generate_fast
+    from tritium.bench.model import _generate_aot, _generate_fast, _static_cache_tokens
 
     torch.set_num_threads(threads)
     if variant == "inductor+cpp_wrapper":
@@ -41,13 +43,26 @@ def measure(variant: str, threads: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     prompt = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
-    step = generation.decode_step(model, variant != "eager")
-    if variant != "eager":
-        generation._warm_up(model, step)
-    _generate_fast(model, prompt, 4, step)
-    runs = [_generate_fast(model, prompt, 64, step) for _ in range(repeats)]
+    if variant == "aot":
+        from tritium.aot import AotDecoder
+
+        decoder = AotDecoder(model, 128)
+
+        def run() -> tuple[float, float, list[int]]:
+            return _generate_aot(decoder, prompt, 64)
+        reference = _static_cache_tokens(model, prompt, 64, 128)
+    else:
+        step = generation.decode_step(model, variant != "eager")
+        if variant != "eager":
+            generation._warm_up(model, step)
+
+        def run() -> tuple[float, float, list[int]]:
+            return _generate_fast(model, prompt, 64, step)
+        reference = None
+    run()
+    runs = [run() for _ in range(repeats)]
     return {"variant": variant, "us_per_token": statistics.median(r[1] / 64 * 1e6 for r in runs),
-            "tokens": runs[0][2]}
+            "tokens": runs[0][2], "reference": reference}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiny fp32 Llama (hidden 64, 8 layers), {args.threads} threads, 64 tokens, median of {args.repeats}")
     print(f"{'variant':<22}{'us/token':>10}  tokens = eager's")
     for r in rows:
-        print(f"{r['variant']:<22}{r['us_per_token']:>10.0f}  {r['tokens'] == rows[0]['tokens']}")
+        same = r["tokens"] == (r["reference"] if r["reference"] is not None else rows[0]["tokens"])
+        print(f"{r['variant']:<22}{r['us_per_token']:>10.0f}  {same}")
     return 0
 
 
