@@ -78,7 +78,9 @@ class AotDecoder:
     a static KV cache of ``max_len`` positions, an eager `prefill` into it and an AOTInductor-compiled `step`.
 
     Building it exports and compiles the forward (about 15-20 s for a 100M-parameter model; ``compile_s``). The
-    compiled library uses the model's own tensors (weights and cache), so it adds no copy of them. Raises
+    compiled library uses the model's own tensors (weights and cache), so it adds no copy of them; new values
+    written into those tensors are seen, but a model whose modules or tensors are replaced afterwards needs a
+    new decoder. Raises
     RuntimeError when tritium's C++ op cannot be built (it holds the C shims) and ValueError for a model the
     fast loop does not take.
     """
