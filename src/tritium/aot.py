@@ -6,7 +6,7 @@ Exactness: the logits are bit-identical to the eager model's with the same cache
 of the same length). As in `tritium.generation.decode_step`, Inductor generates code only for the exact ops
 (`tritium.generation.exact_ops`, plus the cache's ``index_copy``, which moves data) and runs every other op as its
 eager ATen kernel. The compiled code calls those through C functions: AOTInductor's own C shims for most ATen
-ops, and tritium's (``kernels/csrc/op.cpp``) for the frozen layers' op and for SiLU, cos, sin and mean, which
+ops, and tritium's (``kernels/csrc/op.cpp``) for the frozen layers' op and for SiLU, cos, sin and sum, which
 have none (AOTInductor would otherwise call them through its much slower generic proxy executor).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import tempfile
 import time
 import warnings
@@ -32,14 +33,15 @@ _SHIMS = {
     "const char** norm, ...)",
     **{f"eager_{name}": f"AOTITorchError aoti_torch_cpu_eager_{name}(AtenTensorHandle x, AtenTensorHandle* ret0)"
        for name in ("silu", "cos", "sin")},
-    "eager_mean": "AOTITorchError aoti_torch_cpu_eager_mean(AtenTensorHandle x, const int64_t* dim, "
+    "eager_sum": "AOTITorchError aoti_torch_cpu_eager_sum(AtenTensorHandle x, const int64_t* dim, "
     "int64_t dim_len, int32_t keepdim, AtenTensorHandle* ret0)",
 }
 
 
 def _use_shims(graph: torch.fx.Graph) -> None:
-    """Route SiLU, cos, sin and mean to tritium's ops with C shims (the same ATen kernels), and drop export's
-    metadata asserts (checks with no result, which AOTInductor would call through its proxy executor)."""
+    """Route SiLU, cos and sin to tritium's ops with C shims (the same ATen kernels), and drop export's metadata
+    asserts (checks with no result, which AOTInductor would call through its proxy executor). Means become
+    tritium's sum and a division (`generation.mean_as_sum`)."""
     aten, tritium = torch.ops.aten, torch.ops.tritium
     unary = {aten.silu.default: tritium.eager_silu.default, aten.cos.default: tritium.eager_cos.default,
              aten.sin.default: tritium.eager_sin.default}
@@ -50,11 +52,6 @@ def _use_shims(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
         elif node.target in unary:
             node.target = unary[node.target]
-        elif node.target is aten.mean.dim and node.kwargs.get("dtype") is None:
-            args = list(node.args) + [False] * (3 - len(node.args))
-            node.args = (args[0], list(args[1]), bool(node.kwargs.get("keepdim", args[2])))
-            node.kwargs = {}
-            node.target = tritium.eager_mean.default
 
 
 @contextlib.contextmanager
@@ -64,6 +61,8 @@ def _exact_compilation(graph: torch.fx.Graph):
 
     exact = generation.exact_ops() | {torch.ops.aten.index_copy.default, torch.ops.aten.index_copy_.default}
     decompositions = generation.exact_decompositions(exact)
+    decompositions[torch.ops.aten.mean.dim] = functools.partial(generation.mean_as_sum,
+                                                                sum_op=torch.ops.tritium.eager_sum.default)
     saved = compile_fx.select_decomp_table
     compile_fx.select_decomp_table = lambda: decompositions
     try:

@@ -390,10 +390,24 @@ def eager_ops(graph: torch.fx.Graph, exact: frozenset) -> frozenset:
 
 
 def exact_decompositions(exact: frozenset) -> dict:
-    """Inductor's decompositions of the ``exact`` ops only."""
+    """Inductor's decompositions of the ``exact`` ops, and `mean_as_sum`."""
     from torch._inductor.decomposition import select_decomp_table
 
-    return {op: fn for op, fn in select_decomp_table().items() if op in exact}
+    table = {op: fn for op, fn in select_decomp_table().items() if op in exact}
+    table[torch.ops.aten.mean.dim] = mean_as_sum
+    return table
+
+
+def mean_as_sum(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype=None, sum_op=None):
+    """``mean.dim`` of a float32 tensor as ATen's CPU kernel computes it: the eager sum, then a division by the
+    number of elements reduced (a single IEEE division, which compiled code may fuse into the next kernel; the
+    sum stays an eager op). NotImplemented (no decomposition) for other dtypes and devices."""
+    if x.dtype != torch.float32 or dtype is not None or x.device.type != "cpu" or not dim:
+        return NotImplemented
+    dims = [d % x.dim() for d in dim]
+    count = math.prod(x.shape[d] for d in dims)
+    total = (sum_op or torch.ops.aten.sum.dim_IntList)(x, dims, keepdim)
+    return torch.ops.aten.div.Tensor(total, count)
 
 
 # Inductor options of exact compilation: no pattern-matcher rewrites, no shape or alignment asserts, and

@@ -102,7 +102,7 @@ std::vector<at::Tensor> ternary_linears(const at::Tensor &x_in, at::TensorList p
 at::Tensor eager_silu(const at::Tensor &x) { return at::silu(x); }
 at::Tensor eager_cos(const at::Tensor &x) { return at::cos(x); }
 at::Tensor eager_sin(const at::Tensor &x) { return at::sin(x); }
-at::Tensor eager_mean(const at::Tensor &x, at::IntArrayRef dim, bool keepdim) { return at::mean(x, dim, keepdim); }
+at::Tensor eager_sum(const at::Tensor &x, at::IntArrayRef dim, bool keepdim) { return at::sum(x, dim, keepdim); }
 
 }  // namespace
 
@@ -141,10 +141,10 @@ UNARY_SHIM(silu)
 UNARY_SHIM(cos)
 UNARY_SHIM(sin)
 
-extern "C" AOTITorchError aoti_torch_cpu_eager_mean(AtenTensorHandle x, const int64_t *dim, int64_t dim_len,
-                                                     int32_t keepdim, AtenTensorHandle *ret0) {
+extern "C" AOTITorchError aoti_torch_cpu_eager_sum(AtenTensorHandle x, const int64_t *dim, int64_t dim_len,
+                                                    int32_t keepdim, AtenTensorHandle *ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *ret0 = new_tensor_handle(eager_mean(*tensor_handle_to_tensor_pointer(x), at::IntArrayRef(dim, dim_len), keepdim));
+    *ret0 = new_tensor_handle(eager_sum(*tensor_handle_to_tensor_pointer(x), at::IntArrayRef(dim, dim_len), keepdim));
   });
 }
 
@@ -155,7 +155,7 @@ TORCH_LIBRARY_FRAGMENT(tritium, m) {
   m.def("eager_silu(Tensor x) -> Tensor");
   m.def("eager_cos(Tensor x) -> Tensor");
   m.def("eager_sin(Tensor x) -> Tensor");
-  m.def("eager_mean(Tensor x, int[] dim, bool keepdim) -> Tensor");
+  m.def("eager_sum(Tensor x, int[] dim, bool keepdim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tritium, CPU, m) {
@@ -163,12 +163,12 @@ TORCH_LIBRARY_IMPL(tritium, CPU, m) {
   m.impl("eager_silu", &eager_silu);
   m.impl("eager_cos", &eager_cos);
   m.impl("eager_sin", &eager_sin);
-  m.impl("eager_mean", &eager_mean);
+  m.impl("eager_sum", &eager_sum);
 }
 
 TORCH_LIBRARY_IMPL(tritium, Meta, m) {
   m.impl("eager_silu", &eager_silu);
   m.impl("eager_cos", &eager_cos);
   m.impl("eager_sin", &eager_sin);
-  m.impl("eager_mean", &eager_mean);
+  m.impl("eager_sum", &eager_sum);
 }
