@@ -4,10 +4,10 @@ An fp32 transformers Llama with hidden 64, 8 layers, MLP 128, 4 heads and vocabu
 greedily at batch 1, as `tritium.generate` does, in five variants, each in its own process: eager (prefix
 cache, `decode_step`); compiled with tritium's exact backend (``compile=True``); compiled with plain Inductor;
 plain Inductor with its C++ wrapper (`torch._inductor.config.cpp_wrapper`); compiled ahead of time
-(``compile="aot"``, `tritium.aot.AotDecoder`, static cache of 128 positions). The model's arithmetic
+(``compile="aot"``, `tritium.aot.AotDecoder`). The model's arithmetic
 is a few microseconds per token, so the time per token is what the decode loop, torch.compile's entry and
 the compiled graph's wrapper cost on this machine, whatever the model's size. The last column compares the
-greedy tokens with the eager run's (for ``aot``: with the eager model's on the same static cache).
+greedy tokens with the eager run's.
 
     python scripts/decode_overhead.py [--threads 2] [--repeats 5]
 """
@@ -28,7 +28,7 @@ def measure(variant: str, threads: int, repeats: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tritium import generation
-    from tritium.bench.model import _generate_aot, _generate_fast, _static_cache_tokens
+    from tritium.bench.model import _generate_aot, _generate_fast
 
     torch.set_num_threads(threads)
     if variant == "inductor+cpp_wrapper":
@@ -50,7 +50,6 @@ def measure(variant: str, threads: int, repeats: int) -> dict:
 
         def run() -> tuple[float, float, list[int]]:
             return _generate_aot(decoder, prompt, 64)
-        reference = _static_cache_tokens(model, prompt, 64, 128)
     else:
         step = generation.decode_step(model, variant != "eager")
         if variant != "eager":
@@ -58,11 +57,10 @@ def measure(variant: str, threads: int, repeats: int) -> dict:
 
         def run() -> tuple[float, float, list[int]]:
             return _generate_fast(model, prompt, 64, step)
-        reference = None
     run()
     runs = [run() for _ in range(repeats)]
     return {"variant": variant, "us_per_token": statistics.median(r[1] / 64 * 1e6 for r in runs),
-            "tokens": runs[0][2], "reference": reference}
+            "tokens": runs[0][2]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiny fp32 Llama (hidden 64, 8 layers), {args.threads} threads, 64 tokens, median of {args.repeats}")
     print(f"{'variant':<22}{'us/token':>10}  tokens = eager's")
     for r in rows:
-        same = r["tokens"] == (r["reference"] if r["reference"] is not None else rows[0]["tokens"])
-        print(f"{r['variant']:<22}{r['us_per_token']:>10.0f}  {same}")
+        print(f"{r['variant']:<22}{r['us_per_token']:>10.0f}  {r['tokens'] == rows[0]['tokens']}")
     return 0
 
 

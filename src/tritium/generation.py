@@ -7,9 +7,8 @@ and ``model_config`` (only the classes of `tritium.models.transformers.MODEL_CLA
 transformers' own ``generate`` does, and hands each new token to a callback as it is produced. For decoder-only
 models it runs its own loop on the model's forward with a `prefix_cache` and groups the frozen layers that read
 the same input (`tritium.nn.ternary.share_inputs`); with ``compile=True`` the one-token forward is compiled
-(`decode_step`), with ``compile="aot"`` compiled ahead of time over a static KV cache (`tritium.aot`). Tokens and
-logits stay bit-identical to transformers' ``generate`` on the eager model (with ``"aot"``: to the eager model
-with the same static cache). The
+(`decode_step`), with ``compile="aot"`` compiled ahead of time (`tritium.aot`). Tokens and logits stay
+bit-identical to transformers' ``generate`` on the eager model. The
 command streams the text (or, for a prompt given as token ids, the ids) to stdout and reports prefill and
 decode tokens/s on stderr.
 """
@@ -581,7 +580,7 @@ _AOT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _aot_decoder(model: nn.Module, positions: int):
     """The model's `tritium.aot.AotDecoder` with room for ``positions`` (built, or rebuilt larger, on demand: its
-    cache is rounded up to a multiple of 128 positions, within the model's limit)."""
+    cache is rounded up to a multiple of 128 positions, within the model's limit, so that it is rebuilt rarely)."""
     decoder = _AOT.get(model)
     if decoder is None or decoder.max_len < positions:
         size = -(-positions // 128) * 128
@@ -627,10 +626,10 @@ def generate(
     Decoder-only models (see `fast_path`) are decoded by a loop on their forward with a `prefix_cache`, their
     frozen layers that read the same input grouped (`tritium.nn.ternary.share_inputs`, once per model);
     ``compile=True`` (or ``"jit"``) compiles the one-token forward first with torch.compile (`decode_step`; the
-    time is ``compile_s``); ``compile="aot"`` compiles it ahead of time with AOTInductor over a static KV cache
-    (`tritium.aot.AotDecoder`, kept per model and reused; faster per token, bit-identical to the eager model with
-    that cache). Tokens, and with a seed sampled tokens, are the same as ``model.generate``'s; other models run
-    ``model.generate`` (``compile`` is then ignored).
+    time is ``compile_s``); ``compile="aot"`` compiles it ahead of time with AOTInductor
+    (`tritium.aot.AotDecoder`, kept per model and reused; faster per token, as exact). Tokens, and with a seed
+    sampled tokens, are the same as ``model.generate``'s; other models run ``model.generate`` (``compile`` is
+    then ignored).
     """
     if compile not in (False, True, "jit", "aot"):
         raise ValueError(f"compile must be False, True, 'jit' or 'aot', got {compile!r}")
@@ -707,7 +706,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=nonnegative_int, default=None, help="seed for sampling")
     parser.add_argument("--compile", nargs="?", const="jit", default=False, choices=["jit", "aot"],
                         help="compile the one-token forward first: jit (the default when given without a value; "
-                             "torch.compile) or aot (AOTInductor over a static KV cache: faster per token); takes "
+                             "torch.compile) or aot (AOTInductor: faster per token); takes "
                              "seconds to a minute, then decodes with bit-identical logits")
 
 

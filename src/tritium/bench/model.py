@@ -16,8 +16,8 @@ frozen model here). Each variant runs in its own process, so its peak RSS (VmHWM
   `tritium.generation.decode_step`; the prefill eager), whose greedy tokens are checked against ``ternary``'s
   (they are bit-identical by construction). ``--no-compile`` leaves the forward eager (and the name says so);
 * ``ternary-aot``: the same model decoded by `tritium.aot.AotDecoder` (``tritium.generate(..., compile="aot")``):
-  the eager prefill into a static KV cache of 128 positions, then the one-token forward compiled ahead of time
-  by AOTInductor (bit-identical to the eager model with that cache); skipped with ``--no-compile``.
+  the eager prefill into a prefix cache, then the one-token forward compiled ahead of time by AOTInductor
+  (bit-identical to the eager forward; its greedy tokens are checked too); skipped with ``--no-compile``.
 
 Each process prefills a 16-token prompt and decodes ``--tokens`` tokens greedily at batch 1 with the
 KV cache, and separately prefills a 128-token prompt (``prefill128``); decode tokens/s is the median over
@@ -150,22 +150,6 @@ def _generate_fast(model, prompt: torch.Tensor, tokens: int, step,
     return t1 - t0, t2 - t1, ids
 
 
-@torch.inference_mode()
-def _static_cache_tokens(model, prompt: torch.Tensor, tokens: int, max_len: int) -> list[int]:
-    """Greedy tokens of the eager model with a transformers ``StaticCache`` of ``max_len`` positions: what an
-    `tritium.aot.AotDecoder` reproduces bit for bit."""
-    from transformers.cache_utils import StaticCache
-
-    from tritium import generation
-
-    cache, key = StaticCache(config=model.config, max_cache_len=max_len), generation._cache_key(model)
-    ids, x = [], prompt
-    for _ in range(tokens):
-        x = model(input_ids=x, use_cache=True, logits_to_keep=1, **{key: cache}).logits[:, -1].argmax(-1, keepdim=True)
-        ids.append(int(x))
-    return ids
-
-
 def _generate_aot(decoder, prompt: torch.Tensor, tokens: int, around_decode=None) -> tuple[float, float, list[int]]:
     """`_generate` with a `tritium.aot.AotDecoder`: its eager prefill, then its compiled steps."""
     decoder.reset()
@@ -295,14 +279,14 @@ def _llamacpp_worker(args: argparse.Namespace) -> int:
 
 def _write_result(args: argparse.Namespace, work: Path, threads: int, runs: list, baseline: int,
                   loaded: int, prefill_long: list[float], compile_s: float = 0.0, profiled: dict | None = None,
-                  peak: int | None = None, static_tokens: list[int] | None = None) -> None:
+                  peak: int | None = None) -> None:
     result = {
         "variant": args.worker, "threads": threads,
         "prefill_s": [r[0] for r in runs], "decode_s": [r[1] for r in runs],
         "tokens_per_s": [args.tokens / r[1] for r in runs], "tokens": runs[0][2],
         "prefill128_s": prefill_long, "compile_s": compile_s,
         "rss_after_imports": baseline, "rss_after_load": loaded, "peak_rss": peak or _peak_rss(),
-        "profile": profiled, "static_cache_tokens": static_tokens,
+        "profile": profiled,
     }
     (work / f"{args.worker}.{os.getpid()}.json").write_text(json.dumps(result))
 
@@ -336,12 +320,11 @@ def _worker(args: argparse.Namespace) -> int:
     loaded = _rss()
     prompt = _prompt(cfg.vocab_size)
     compile_s = 0.0
-    decoder = static_tokens = None
+    decoder = None
     if ahead:
         from tritium.aot import AotDecoder
 
         decoder = AotDecoder(model, max(PROMPT + args.tokens, PROMPT_LONG))
-        static_tokens = _static_cache_tokens(model, prompt, args.tokens, decoder.max_len)
         compile_s = decoder.compile_s
 
         def run(tokens: int, around_decode=None) -> tuple[float, float, list[int]]:
@@ -367,7 +350,7 @@ def _worker(args: argparse.Namespace) -> int:
     peak = _peak_rss()  # before profiling, which holds its own records
     profiled = _profile(run, args.tokens) if args.profile else None  # after the timed runs
     _write_result(args, work, torch.get_num_threads(), runs, baseline, loaded, prefill_long, compile_s, profiled,
-                  peak, static_tokens)
+                  peak)
     return 0
 
 
@@ -459,7 +442,6 @@ def _rows(work: Path, names: tuple[str, ...]) -> dict:
             "rss_after_imports_mb": _median([r["rss_after_imports"] for r in runs]) / 2**20,
             "peak_above_imports_mb": _median([r["peak_rss"] - r["rss_after_imports"] for r in runs]) / 2**20,
             "threads": runs[0]["threads"], "greedy_tokens": runs[0]["tokens"],
-            "static_cache_tokens": runs[0].get("static_cache_tokens"),
             "profile": _median_profile([r["profile"] for r in runs if r.get("profile")]),
         }
     return variants
@@ -512,8 +494,6 @@ def _peer_summary(work: Path, variants: dict, sizes: dict, version: str) -> dict
            "prefill128_vs_best_peer": ratios["prefill128_best_vs_best_peer"] >= PEER_TARGETS["prefill128"]}
     return {"llama_cpp": version, "variants": rows, "ratios": ratios, "sizes": sizes,
             "best_rows": {"decode": decode, "prefill128": prefill},
-            "aot_tokens_equal_eager_static_cache": {name: row["greedy_tokens"] == row["static_cache_tokens"]
-                                                    for name, row in rows.items() if row.get("static_cache_tokens")},
             "greedy_tokens_same_as_preset": same, "targets": targets, "targets_met": met,
             "note": "preset and llamacpp-* are the PRESET model (norm=None, as llama.cpp's graph has no input "
                     "norm in linear layers); ternary differs from it only by that norm"}
@@ -555,9 +535,7 @@ def _summarize(args: argparse.Namespace, work: Path, sizes: dict) -> dict:
         "compiled": args.compile, "machine": machine_info(), "sizes": sizes, "variants": variants,
         "ratios": ratios, "targets": TARGETS, "targets_met": met,
         "greedy_tokens_compiled_equal_eager": fast["greedy_tokens"] == tern["greedy_tokens"],
-        **({"greedy_tokens_aot_equal_eager": variants["ternary-aot"]["greedy_tokens"] == tern["greedy_tokens"],
-            "greedy_tokens_aot_equal_eager_static_cache":
-                variants["ternary-aot"]["greedy_tokens"] == variants["ternary-aot"]["static_cache_tokens"]}
+        **({"greedy_tokens_aot_equal_eager": variants["ternary-aot"]["greedy_tokens"] == tern["greedy_tokens"]}
            if "ternary-aot" in variants else {}),
     }
 
@@ -586,13 +564,10 @@ def _report(r: dict) -> str:
         f"quantization, prefix cache; decode {rt['decode_compiled_vs_eager']:.2f}x, prefill128 "
         f"{rt['prefill128_compiled_vs_eager']:.2f}x the eager ternary row; greedy tokens "
         f"{'identical to' if r['greedy_tokens_compiled_equal_eager'] else 'DIFFERENT from'} the eager row's",
-        *([f"ternary-aot: eager prefill into a static KV cache, then the one-token forward compiled by AOTInductor "
-           f"(compile {r['variants']['ternary-aot']['compile_s']:.1f} s, before timing); decode "
-           f"{rt['decode_aot_vs_eager']:.2f}x the eager ternary row; greedy tokens "
-           f"{'identical to' if r['greedy_tokens_aot_equal_eager_static_cache'] else 'DIFFERENT from'} the eager "
-           f"model's with the same static cache, "
-           f"{'identical to' if r['greedy_tokens_aot_equal_eager'] else 'different from'} the eager row's "
-           "(transformers' dynamic cache; see README)"]
+        *([f"ternary-aot: one-token forward compiled ahead of time by AOTInductor (compile "
+           f"{r['variants']['ternary-aot']['compile_s']:.1f} s, before timing), shared input quantization, prefix "
+           f"cache; decode {rt['decode_aot_vs_eager']:.2f}x the eager ternary row; greedy tokens "
+           f"{'identical to' if r['greedy_tokens_aot_equal_eager'] else 'DIFFERENT from'} the eager row's"]
           if "ternary-aot" in r["variants"] else []),
         f"files: fp32 {s['file_bytes_fp32'] / 2**20:.1f} MB, ternary ({m['storage']}) "
         f"{s['file_bytes_ternary'] / 2**20:.1f} MB ({rt['file_size_ratio']:.1f}x smaller)",
@@ -635,9 +610,6 @@ def _peer_report(p: dict) -> str:
     n = len(p["variants"]["preset"]["greedy_tokens"])
     same = p["greedy_tokens_same_as_preset"]
     out.append("greedy tokens equal to preset's: " + ", ".join(f"{name} {k}/{n}" for name, k in same.items()))
-    for name, ok in p.get("aot_tokens_equal_eager_static_cache", {}).items():
-        out.append(f"{name} greedy tokens {'identical to' if ok else 'DIFFERENT from'} the eager model's with the "
-                   "same static cache")
     out.append("tritium / llama.cpp speed (> 1: tritium faster):")
     for ours in sorted({k.split("_")[1] for k in rt if k.endswith("_vs_llamacpp_tq2_0")}, key=_row_order):
         out.append(f"  {ours:<16} decode {rt[f'decode_{ours}_vs_llamacpp_tq2_0']:.2f}x TQ2_0, "
