@@ -90,7 +90,6 @@ def test_generate_aot_matches_transformers_generate(frozen):
     again = generation.generate(frozen, prompt, max_new_tokens=12, compile="aot")
     assert first.ids == want == again.ids
     assert generation._AOT[frozen] is decoder and decoder.max_len == 64  # 16 positions, rounded up, within 64
-    assert first.compile_s > 0 and again.compile_s < first.compile_s
 
 
 def test_bad_arguments():

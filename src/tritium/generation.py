@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -331,10 +332,12 @@ def _num_layers(model: nn.Module) -> int:
 
 # ATen ops whose Inductor code is bit-identical to the eager ATen kernel for every input: single IEEE-rounded
 # arithmetic per element (no fused multiply-add: Inductor compiles with -ffp-contract=off), comparisons,
-# selection and data movement, and their in-place forms. Every other op (reductions such as mean,
-# transcendental functions such as exp, sin, cos, silu, matmuls, attention, the tritium kernels) runs as its
-# eager ATen kernel inside the compiled graph, so compiled and eager forwards agree bit for bit.
-def _exact_ops() -> frozenset:
+# selection and data movement, and their in-place forms. Every other op (reductions such as sum, since a
+# float32 mean is a sum and one division, `mean_as_sum`; transcendental functions such as exp, sin, cos, silu;
+# matmuls, attention, the tritium kernels) runs as its eager ATen kernel inside the compiled graph, so compiled
+# and eager forwards agree bit for bit.
+@functools.cache
+def exact_ops() -> frozenset:
     aten, prims = torch.ops.aten, torch.ops.prims
     return frozenset({
         aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
@@ -350,9 +353,6 @@ def _exact_ops() -> frozenset:
         aten.t.default, aten.transpose.int, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default,
         aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten.masked_fill.Scalar,
     })
-
-
-_EXACT_OPS: frozenset | None = None
 
 
 @contextlib.contextmanager
@@ -415,16 +415,8 @@ EXACT_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "pattern_mat
                  "cpp.min_chunk_size": 1 << 16}
 
 
-def exact_ops() -> frozenset:
-    """`_exact_ops`, built once."""
-    global _EXACT_OPS
-    if _EXACT_OPS is None:
-        _EXACT_OPS = _exact_ops()
-    return _EXACT_OPS
-
-
 def _exact_backend(gm, example_inputs):
-    """``torch.compile`` backend: Inductor, generating code only for `_exact_ops` (and for ``pow(x, 2)`` when
+    """``torch.compile`` backend: Inductor, generating code only for `exact_ops` (and for ``pow(x, 2)`` when
     every power in the graph is a square, which both compute as ``x * x``); every other op is called as its
     eager ATen kernel. A graph pass checks the result and fails the compilation if any other op appears."""
     from torch._inductor import compile_fx
@@ -535,7 +527,6 @@ def _decode(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: 
     transformers' ``generate`` does (argmax, or the warpers, softmax and ``torch.multinomial``)."""
     device = model.get_input_embeddings().weight.device
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    cache = None if isinstance(step, _aot().AotDecoder) else prefix_cache(_num_layers(model), len(ids) + max_new_tokens)
     eos, processors = _eos_ids(model), _logits_processors(temperature, top_p) if temperature > 0 else None
     compiled = step is _STEPS.get(model)
     seen = prompt
@@ -544,6 +535,7 @@ def _decode(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: 
         step.reset()
         logits, advance = step.prefill(prompt), step.step
     else:
+        cache = prefix_cache(_num_layers(model), len(ids) + max_new_tokens)
         logits = decode_step(model)(prompt, cache)
 
         def advance(token: torch.Tensor) -> torch.Tensor:
