@@ -159,6 +159,18 @@ def test_ptq_cqat_and_median_vs_mean(tmp_path):
     assert "**on par** with bf16: +0.000 [-0.010, +0.010]" in answer(lm.report(rows, tmp_path), "- Continual QAT")
 
 
+@pytest.mark.parametrize("gaps, word", [((-0.1, -0.1, -0.1, 0.0), "absmedian on par or better"),
+                                         ((0.1, 0.0, 0.0, 0.0), "absmean on par or better"),
+                                         ((-0.1, 0.1, 0.0, 0.0), "mixed"),
+                                         ((-0.1, -0.1, -0.1, -0.1), "absmedian better")])
+def test_median_vs_mean_verdict_counts_every_size(tmp_path, gaps, word):
+    # the verdict is "better" only when it holds at every size: on par at the largest is not "better"
+    by_h = dict(zip((32, 64, 128, 256), gaps, strict=True))
+    rows = grid("decoder", {MED: lambda h, s, ref: ref + 0.2 + by_h[h] + 0.001 * s, MEAN: lambda h, s, ref: ref + 0.2})
+    md = lm.report(rows, tmp_path)
+    assert f"**{word}**:" in answer(md, "- Median vs mean")
+
+
 def test_incomplete_grid_does_not_crash(tmp_path):
     rows = grid("encoder", {MED: shifted({0: 2.0, 1: 2.0}), PTQ: lambda h, s, ref: ref + 6.0})
     rows = [r for r in rows if not (r["precision"] == MED and r["hidden"] == 64 and r["seed"] == 1)]

@@ -854,8 +854,9 @@ def _answers(task: str, rows: list[dict], seeds: list[int], pairs: dict[str, lis
             continue
         better, worse = _count(d, lambda lo, hi: hi < 0), _count(d, lambda lo, hi: lo > 0)
         par = len(d) - better - worse
-        word = ("absmedian better" if better > len(d) / 2 else "absmean better" if worse > len(d) / 2
-                else "on par" if par > len(d) / 2 else "mixed")
+        word = ("on par" if par == len(d) else "absmedian better" if better == len(d)
+                else "absmean better" if worse == len(d) else "absmedian on par or better" if not worse
+                else "absmean on par or better" if not better else "mixed")
         h = max(d)
         bullets.append(f"- Median vs mean ({med} - {mean} val loss): **{word}**: {format_spread(d[h])} at hidden "
                        f"{h}; absmedian better at {better}, on par at {par}, worse at {_sizes(worse, d)}")
