@@ -67,6 +67,22 @@ def test_logits_bit_identical_to_the_eager_model(frozen, decoder):
     assert decoder.compile_s > 0
 
 
+@pytest.mark.parametrize("backend", [b for b in kernels.BACKENDS if b != "reference"])
+def test_every_native_backend_runs_the_compiled_step_exactly(request, frozen, decoder, backend):
+    """The compiled library calls the backend in use when it runs, not the one it was built under: each CPU's
+    code path (AVX-512 without AMX on AMD Zen 4, AVX2, generic C) decodes the eager model's logits."""
+    if request.node.callspec.params["frozen"] not in ("llama-preset", "qwen2-bias"):
+        pytest.skip("two models suffice for the backends")
+    if backend not in kernels.available_backends():
+        pytest.skip(f"this CPU cannot run the {backend} backend")
+    before = kernels.get_backend()
+    kernels.set_backend(backend)
+    try:
+        test_logits_bit_identical_to_the_eager_model(frozen, decoder)
+    finally:
+        kernels.set_backend(before)
+
+
 def test_reset_starts_a_new_sequence(decoder):
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     runs = []
