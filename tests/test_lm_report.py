@@ -89,6 +89,22 @@ def test_encoder_factor_two_is_reproduced(tmp_path):
     assert (tmp_path / "encoder_loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_encoder_factor_reads_the_curve_beyond_the_reference(tmp_path):
+    """A 1.58-bit size larger than the float grid's largest enters the factor: at reference 256 the curve
+    is read up to 512."""
+    factors = {0: 1.8, 1: 1.9}
+    rows = grid("encoder", {MED: shifted(factors)})
+    rows += [row("encoder", 512, MED, s, shifted(factors)(512, s, None)) for s in (0, 1)]
+    md = lm.report(rows, tmp_path)
+    table = md[md.index("Hidden-size factor per seed"):]
+    assert "reference @ 512" in table
+    assert f"| {MED} vs bf16 | " + " | ".join(["1.85x [1.80x, 1.90x]"] * 4) + " |  |" in table
+    without = lm.report([r for r in rows if r["hidden"] != 512], tmp_path)
+    assert "| 1.85x [1.80x, 1.90x] | > 1x / > 1x |" in without  # 256 unreachable without the 512 rows
+    one_seed = lm.report([r for r in rows if not (r["hidden"] == 512 and r["seed"] == 1)], tmp_path)
+    assert "| 1.85x [1.80x, 1.90x] | > 1x / > 1x |" in one_seed  # a size needs every seed to count
+
+
 def test_encoder_factor_not_reached_and_undecided(tmp_path):
     rows = grid("encoder", {MED: lambda h, s, ref: ref + 5.0, MEAN: shifted({0: 1.2, 1: 2.0})})
     md = lm.report(rows, tmp_path)

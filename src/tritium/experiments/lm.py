@@ -610,13 +610,18 @@ def paired(table: dict[str, dict[int, dict[int, float]]], a: str, b: str,
 def seed_factors(table: dict[str, dict[int, dict[int, float]]], ref: str, v: str,
                  seeds: list[int]) -> dict[int, list[tuple[float, str]]]:
     """Per reference hidden size h: the hidden-size factor (`hidden_factors`) of each seed, the curve of
-    ``v`` against the curve of ``ref`` of the same seed, over the hidden sizes where both have every seed
-    (empty with fewer than two such sizes)."""
-    hs = sorted(paired(table, v, ref, seeds))
-    if len(hs) < 2:
+    ``v`` against the curve of ``ref`` of the same seed. The reference sizes are those where ``ref`` has
+    every seed, the curve spans every size where ``v`` has every seed (also beyond the reference's largest);
+    empty when the curve has fewer than two sizes or the reference none."""
+    def complete(name: str) -> list[int]:
+        return sorted(h for h, by in table.get(name, {}).items() if seeds and all(s in by for s in seeds))
+
+    hs_ref, hs_v = complete(ref), complete(v)
+    if len(hs_v) < 2 or not hs_ref:
         return {}
-    per_seed = [hidden_factors({h: table[ref][h][s] for h in hs}, {h: table[v][h][s] for h in hs}) for s in seeds]
-    return {h: [f[h] for f in per_seed] for h in hs}
+    per_seed = [hidden_factors({h: table[ref][h][s] for h in hs_ref}, {h: table[v][h][s] for h in hs_v})
+                for s in seeds]
+    return {h: [f[h] for f in per_seed] for h in hs_ref}
 
 
 def format_factors(factors: list[tuple[float, str]]) -> str:
