@@ -215,3 +215,16 @@ def test_wordpiece_without_tokenizers_is_one_error_line(root, tmp_path, capsys, 
     assert main(mlp_args(root, tmp_path / "o", "--features", "wordpiece")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs the tokenizers package" in err
+
+
+def test_written_report_reads_rows_without_features_as_words(tmp_path):
+    """Every table of results.md, the generic summary included, counts a row without "features" as words."""
+    row = {"task": "mlp", "key": "a", "dataset": "R8", "precision": "fp32", "seed": 0, "input_layer": "embedding",
+           "test_acc": 0.97, "best_val_acc": 0.98, "test_acc_at_best_val": 0.97, "vocab_size": 10, "n_train": 1,
+           "n_val": 1, "n_test": 1, "curves": {"epoch": [0], "val_acc": [0.9]}}
+    rows = [row, {**row, "key": "b", "features": "wordpiece", "test_acc": 0.96}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = runner.write_report(tmp_path)
+    main_table = md[md.index("## mlp"):]
+    assert "| embedding | words | fp32 | 97.00 |" in main_table
+    assert "| embedding | wordpiece | fp32 | 96.00 |" in main_table and "None" not in md

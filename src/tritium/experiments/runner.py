@@ -562,8 +562,9 @@ def write_report(out: Path) -> str:
             keys.add(r.get("key"))
     parts = ["# Results", ""]
     for task_name in sorted({r["task"] for r in rows if "task" in r}):
-        task_rows = [r for r in rows if r.get("task") == task_name]
         task = load_task(task_name)
+        defaults = getattr(task, "ROW_DEFAULTS", {})  # fields that older rows lack
+        task_rows = [{**defaults, **r} for r in rows if r.get("task") == task_name]
         if hasattr(task, "report"):  # the task's own answers first
             parts.append(task.report(task_rows, out))
         parts.append(report.generic_report(task_rows, out, task_name, task.GROUP_BY, task.METRIC,

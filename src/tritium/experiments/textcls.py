@@ -25,6 +25,8 @@ HIGHER_IS_BETTER = True
 GROUP_BY = ("input_layer", "features", "dataset")
 FEATURES = ("words", "wordpiece")
 DEFAULT_FEATURES = "words"
+#: Fields that rows recorded before they existed lack, and the values such rows had (the report fills them in).
+ROW_DEFAULTS = {"features": DEFAULT_FEATURES}
 _features = choice_list(*FEATURES)
 #: Test accuracy (%) of Nielsen et al. (2024), Table 1.
 PAPER = {
@@ -161,7 +163,7 @@ def report(rows: list[dict], out: Path) -> str:
     dataset and precision (rows without "features" count as words)."""
     from .report import paper_comparison, summary_table
 
-    rows = [r if r.get("features") else {**r, "features": DEFAULT_FEATURES} for r in rows]
+    rows = [{**ROW_DEFAULTS, **r} for r in rows]
     published = {("embedding", f, d, p): v for p, per in PAPER.items() for d, v in per.items() for f in FEATURES}
     parts = ["### WideMLP: test accuracy against the paper", "", paper_comparison(rows, GROUP_BY, METRIC, published),
              "### WideMLP: best validation accuracy", "", summary_table(rows, GROUP_BY, "best_val_acc"),
