@@ -11,7 +11,6 @@ import torch
 from tritium.cli import main
 from tritium.data import textcls as data
 from tritium.experiments import runner
-from tritium.experiments import textcls as task
 
 pytest.importorskip("tokenizers")
 
@@ -191,15 +190,6 @@ def test_words_runs_keep_their_keys(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[1] == got[0][0] + " " + json.dumps(before, sort_keys=True)
 
 
-def test_report_reads_rows_without_features_as_words(tmp_path):
-    row = {"task": "mlp", "dataset": "R8", "precision": "fp32", "seed": 0, "input_layer": "embedding",
-           "test_acc": 0.97, "best_val_acc": 0.98, "test_acc_at_best_val": 0.97, "vocab_size": 10, "n_train": 1,
-           "n_val": 1, "n_test": 1}
-    md = task.report([row, {**row, "features": "wordpiece", "test_acc": 0.96}], tmp_path)
-    assert "| embedding | words | R8 | fp32 | 97.00 (n=1) | 97.27 | -0.27 |" in md
-    assert "| embedding | wordpiece | R8 | fp32 | 96.00 (n=1) | 97.27 | -1.27 |" in md
-
-
 @pytest.mark.parametrize("extra, where", [(["--features", "bpe"], "--features"),
                                           (["--features", "words,"], "--features"),
                                           (["--set", "features=bpe"], "features=bpe")])
@@ -218,13 +208,18 @@ def test_wordpiece_without_tokenizers_is_one_error_line(root, tmp_path, capsys, 
 
 
 def test_written_report_reads_rows_without_features_as_words(tmp_path):
-    """Every table of results.md, the generic summary included, counts a row without "features" as words."""
+    """Every table of results.md, the paper comparison and the generic summary, counts a row without
+    "features" as words; the run-time line sums the rows' wall_s per dataset."""
     row = {"task": "mlp", "key": "a", "dataset": "R8", "precision": "fp32", "seed": 0, "input_layer": "embedding",
            "test_acc": 0.97, "best_val_acc": 0.98, "test_acc_at_best_val": 0.97, "vocab_size": 10, "n_train": 1,
-           "n_val": 1, "n_test": 1, "curves": {"epoch": [0], "val_acc": [0.9]}}
-    rows = [row, {**row, "key": "b", "features": "wordpiece", "test_acc": 0.96}]
+           "n_val": 1, "n_test": 1, "curves": {"epoch": [0], "val_acc": [0.9]}, "wall_s": 1800.0}
+    rows = [row, {**row, "key": "b", "features": "wordpiece", "test_acc": 0.96, "wall_s": 5400.0},
+            {**row, "key": "c", "dataset": "R52", "wall_s": 360.0}]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     md = runner.write_report(tmp_path)
+    assert "| embedding | words | R8 | fp32 | 97.00 (n=1) | 97.27 | -0.27 |" in md
+    assert "| embedding | wordpiece | R8 | fp32 | 96.00 (n=1) | 97.27 | -1.27 |" in md
     main_table = md[md.index("## mlp"):]
-    assert "| embedding | words | fp32 | 97.00 |" in main_table
-    assert "| embedding | wordpiece | fp32 | 96.00 |" in main_table and "None" not in md
+    assert "| embedding | words | fp32 | 97.00 | 97.00 | 97.00 |" in main_table
+    assert "| embedding | wordpiece | fp32 | 96.00 |  |  |" in main_table and "None" not in md
+    assert "R8: 2.0; R52: 0.1 by dataset; 2.1 in all over 3 runs." in main_table

@@ -598,13 +598,17 @@ def format_spread(values: list[float], digits: int = 3, signed: bool = True, uni
     return f(m) if len(values) == 1 else f"{f(m)} [{f(lo)}, {f(hi)}]"
 
 
+def complete_sizes(table: dict[str, dict[int, dict[int, float]]], name: str, seeds: list[int]) -> list[int]:
+    """The hidden sizes at which variant ``name`` has every seed of ``seeds`` (none when ``seeds`` is empty)."""
+    return sorted(h for h, by in table.get(name, {}).items() if seeds and all(s in by for s in seeds))
+
+
 def paired(table: dict[str, dict[int, dict[int, float]]], a: str, b: str,
            seeds: list[int]) -> dict[int, list[float]]:
     """Per hidden size at which variants ``a`` and ``b`` both have every seed of ``seeds``: the
     differences ``a - b``, seed by seed (in the order of ``seeds``)."""
-    ta, tb = table.get(a, {}), table.get(b, {})
-    return {h: [ta[h][s] - tb[h][s] for s in seeds] for h in sorted(set(ta) & set(tb))
-            if seeds and all(s in ta[h] and s in tb[h] for s in seeds)}
+    both = sorted(set(complete_sizes(table, a, seeds)) & set(complete_sizes(table, b, seeds)))
+    return {h: [table[a][h][s] - table[b][h][s] for s in seeds] for h in both}
 
 
 def seed_factors(table: dict[str, dict[int, dict[int, float]]], ref: str, v: str,
@@ -613,10 +617,7 @@ def seed_factors(table: dict[str, dict[int, dict[int, float]]], ref: str, v: str
     ``v`` against the curve of ``ref`` of the same seed. The reference sizes are those where ``ref`` has
     every seed, the curve spans every size where ``v`` has every seed (also beyond the reference's largest);
     empty when the curve has fewer than two sizes or the reference none."""
-    def complete(name: str) -> list[int]:
-        return sorted(h for h, by in table.get(name, {}).items() if seeds and all(s in by for s in seeds))
-
-    hs_ref, hs_v = complete(ref), complete(v)
+    hs_ref, hs_v = complete_sizes(table, ref, seeds), complete_sizes(table, v, seeds)
     if len(hs_v) < 2 or not hs_ref:
         return {}
     per_seed = [hidden_factors({h: table[ref][h][s] for h in hs_ref}, {h: table[v][h][s] for h in hs_v})

@@ -90,6 +90,25 @@ def summary_table(rows: list[dict], group_by: tuple[str, ...], metric: str) -> s
     return "\n".join(lines) + f"\n\n{note}.\n"
 
 
+def run_time(rows: list[dict], group_by: tuple[str, ...]) -> str:
+    """One line: the rows' wall-clock time (sum of ``wall_s``) in hours per value of the last ``group_by``
+    axis, and in total ("" when no row has ``wall_s``)."""
+    axis = group_by[-1] if group_by else None
+    hours: dict = defaultdict(float)
+    n = 0
+    for r in rows:
+        w = r.get("wall_s")
+        if isinstance(w, (int, float)) and math.isfinite(w):
+            hours[r.get(axis) if axis else None] += w / 3600
+            n += 1
+    if not n:
+        return ""
+    keys = sorted(hours) if all(isinstance(k, int) for k in hours) else list(hours)
+    per = f"{'; '.join(f'{k}: {hours[k]:.1f}' for k in keys)} by {axis}; " if axis else ""
+    return (f"Run time (sum of `wall_s`, hours; a resumed run counts from its resume): {per}"
+            f"{sum(hours.values()):.1f} in all over {n} runs.\n")
+
+
 def paper_comparison(rows: list[dict], group_by: tuple[str, ...], metric: str,
                      published: dict[tuple, float]) -> str:
     """Markdown table of our mean ``metric`` next to published values (keyed like `groups`:
@@ -251,7 +270,7 @@ def generic_report(rows: list[dict], out: Path, task: str, group_by: tuple[str, 
     """The summary table and plots of one task's rows, written under ``out``; returns markdown."""
     better = "higher" if higher_is_better else "lower"
     parts = [f"## {task}", "", f"Main metric: `{metric}` ({better} is better).", "",
-             summary_table(rows, group_by, metric)]
+             summary_table(rows, group_by, metric), run_time(rows, group_by)]
     bars = plot_bars(rows, group_by, metric, out / f"{task}_{metric}.png", title=task)
     parts.append(f"![{task} {metric}]({bars.name})\n")
     curves = plot_curves(rows, group_by, out / f"{task}_curves.png", title=f"{task}: training curves")

@@ -160,10 +160,9 @@ def run_one(cfg: dict, args: argparse.Namespace) -> dict:
 
 def report(rows: list[dict], out: Path) -> str:
     """Test accuracy against the paper, validation accuracies and data sizes per input layer, features,
-    dataset and precision (rows without "features" count as words)."""
+    dataset and precision (`runner.write_report` gives rows without "features" the `ROW_DEFAULTS`)."""
     from .report import paper_comparison, summary_table
 
-    rows = [{**ROW_DEFAULTS, **r} for r in rows]
     published = {("embedding", f, d, p): v for p, per in PAPER.items() for d, v in per.items() for f in FEATURES}
     parts = ["### WideMLP: test accuracy against the paper", "", paper_comparison(rows, GROUP_BY, METRIC, published),
              "### WideMLP: best validation accuracy", "", summary_table(rows, GROUP_BY, "best_val_acc"),
